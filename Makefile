@@ -1,0 +1,31 @@
+# Everything a fresh machine needs: `make test`, `make demo`, `make bench` create or refresh .venv
+# (idempotent: a stamp tracks requirements.txt and pyproject.toml) and install gridtrain editable.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.gridtrain-installed
+# One thread per rank on CPU: ranks share two cores here.
+RUN_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: venv
+	$(RUN_ENV) $(BIN)/python -m pytest -q -rs tests
+
+demo: venv
+	$(RUN_ENV) $(BIN)/gridtrain demo
+
+bench: venv
+	$(RUN_ENV) $(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) runs demo

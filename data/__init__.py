@@ -1,0 +1,1 @@
+"""gridtrain.data"""

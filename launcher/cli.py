@@ -1,0 +1,48 @@
+"""The `gridtrain` command. Each package registers its own subcommands; this module only wires
+them and turns user errors into one line and exit status 2. Nothing heavy is imported here, so
+`--help` and `--dry-run` answer in about a second."""
+import argparse
+import importlib
+import sys
+
+from gridtrain.launcher.errors import UserError
+
+# Modules exposing `register(subparsers)`; each imports torch/deepspeed only inside its handlers.
+COMMAND_MODULES = (
+    "gridtrain.launcher.commands",  # train, launch, env
+    "gridtrain.data.commands",  # tokenizer, preprocess, data
+    "gridtrain.train.checkpoint_commands",  # checkpoint
+    "gridtrain.launcher.demo",  # demo
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gridtrain",
+        description="Distributed training of GPT-2 / Llama decoders (TP x PP x DP, ZeRO).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # a command group not built yet
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        print(f"gridtrain: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

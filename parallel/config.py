@@ -1,0 +1,20 @@
+"""ParallelConfig: the TP x PP x DP layout and the ZeRO stage."""
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    # None: world_size / (tensor_parallel * pipeline_parallel).
+    data_parallel: Optional[int] = None
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    # How DeepSpeed's PipelineModule splits layers: "parameters" balances weights, "uniform" counts layers.
+    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+    # "auto": nccl with CUDA, gloo without.
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # "cpu": megatron-core builds full weights on the host and slices them (layout-independent);
+    # "cuda": megatron-core's RNG tracker initialises shards on the device (faster for huge layers).
+    init_device: Literal["cpu", "cuda"] = "cpu"

@@ -1,0 +1,50 @@
+"""Optimizer, training-loop, checkpoint and logging sections of a run config."""
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # None: decay over train.steps.
+    decay_steps: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    global_batch_size: int = 32
+    micro_batch_size: int = 4
+    seed: int = 1234
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    run_dir: str = "runs/default"
+    eval_interval: int = 100
+    eval_steps: int = 10
+    # Peak FLOP/s per device for MFU; None: measured by a matmul probe at start-up (CPU).
+    peak_flops: Optional[float] = None
+    resume: str = "auto"  # "auto" | "none" | a checkpoint path
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    # None: <run_dir>/checkpoints
+    dir: Optional[str] = None
+    interval_steps: int = 0  # 0: off
+    interval_minutes: float = 0.0  # 0: off
+    keep_last: int = 3
+    keep_every: int = 0  # keep every M-th step permanently; 0: off
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_interval: int = 1
+    jsonl: bool = True
+    tensorboard: bool = True
