@@ -1,0 +1,174 @@
+"""Per-step training metrics: loss, LR, grad norm, step time, tokens/s, MFU, per-rank memory and
+consumed samples, written by rank 0 to the console (one compact line), <run_dir>/metrics.jsonl and
+TensorBoard (<run_dir>/tensorboard)."""
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from gridtrain.train.config import LoggingConfig
+
+
+def measure_matmul_flops(device: torch.device, size: int = 1024, seconds: float = 0.5) -> float:
+    """Peak fp32 FLOP/s of one device as the best of repeated size x size matmuls (2*n^3 FLOPs
+    each), with the current thread count. Best-of rather than mean: the peak is what the hardware
+    can reach; noise from neighbours only ever slows a run down."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    torch.mm(a, b)  # warm-up: first call pays allocation and kernel selection
+    best = math.inf
+    deadline = time.perf_counter() + seconds
+    repeats = 0
+    while repeats < 3 or time.perf_counter() < deadline:
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+        repeats += 1
+    return 2.0 * size**3 / best
+
+
+def total_peak_flops(peak_flops: float | None, device: torch.device) -> tuple[float, str]:
+    """Peak FLOP/s of all ranks together and where the per-device figure came from: the config's
+    train.peak_flops, or else every rank's own matmul probe, run at the same time so ranks sharing
+    a host measure what they get while sharing it. Collective when probing."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if peak_flops is not None:
+        return peak_flops * world, f"train.peak_flops = {peak_flops:.3e} FLOP/s per device"
+    local = torch.tensor([measure_matmul_flops(device)], dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(local)
+    total = float(local.item())
+    return total, f"measured by an fp32 matmul probe: {total / world:.3e} FLOP/s per device (mean of {world})"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_bytes(device: torch.device) -> int:
+    """This rank's memory: peak CUDA allocation on GPU, resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def gather_memory(device: torch.device) -> list[int]:
+    """memory_bytes of every rank, in rank order. Collective: every rank must call it."""
+    local = torch.tensor([memory_bytes(device)], dtype=torch.int64, device=device)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [int(local.item())]
+    gathered = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, local)
+    return [int(t.item()) for t in gathered]
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops_total: float) -> float:
+    """Model FLOP utilisation: achieved model FLOP/s over the peak FLOP/s of all ranks together."""
+    return flops_per_token * tokens_per_s / peak_flops_total
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf  # exp overflows a double past ~709
+
+
+def step_record(step: int, loss: float, grad_norm: float, lr: float, step_time: float, tokens: int,
+                flops_per_token: float, peak_flops_total: float, memory: list[int],
+                consumed_samples: int) -> dict:
+    """One training step's metrics as a flat JSON-ready dict; `tokens` is the global batch's."""
+    tokens_per_s = tokens / step_time
+    return {
+        "kind": "train",
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "step_time_s": step_time,
+        "tokens_per_s": tokens_per_s,
+        "model_tflops_per_s": flops_per_token * tokens_per_s / 1e12,
+        "mfu": mfu(flops_per_token, tokens_per_s, peak_flops_total),
+        "mem_bytes_per_rank": memory,
+        "mem_max_mb": max(memory) / 2**20,
+        "consumed_samples": consumed_samples,
+        "time": time.time(),
+    }
+
+
+def eval_record(step: int, loss: float) -> dict:
+    return {"kind": "eval", "step": step, "val_loss": loss, "val_ppl": perplexity(loss), "time": time.time()}
+
+
+def format_record(record: dict, total_steps: int) -> str:
+    """The compact console line of a train or eval record."""
+    head = f"step {record['step']:>{len(str(total_steps))}}/{total_steps}"
+    if record["kind"] == "eval":
+        return f"{head} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}"
+    return (
+        f"{head} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f}"
+        f" | {record['step_time_s'] * 1000:.0f} ms | {record['tokens_per_s']:,.0f} tok/s"
+        f" | MFU {record['mfu'] * 100:.2f}% | mem {record['mem_max_mb']:,.0f} MB max/rank"
+        f" | samples {record['consumed_samples']}"
+    )
+
+
+class MetricsWriter:
+    """Sinks of rank 0: console, JSONL, TensorBoard. On other ranks every sink is None and the
+    writer stays silent, so callers need no rank checks."""
+
+    def __init__(self, total_steps: int, console: bool, jsonl_file=None, tensorboard=None):
+        self.total_steps = total_steps
+        self.console = console
+        self.jsonl_file = jsonl_file
+        self.tensorboard = tensorboard
+
+    def note(self, text: str) -> None:
+        if self.console:
+            print(f"[gridtrain] {text}", flush=True)
+
+    def write(self, record: dict) -> None:
+        if self.console:
+            print(format_record(record, self.total_steps), flush=True)
+        if self.jsonl_file is not None:
+            # One write per line, flushed: a crash can lose at most the line being written.
+            self.jsonl_file.write(json.dumps(record) + "\n")
+            self.jsonl_file.flush()
+        if self.tensorboard is not None:
+            self._write_tensorboard(record)
+
+    def _write_tensorboard(self, record: dict) -> None:
+        prefix = "val" if record["kind"] == "eval" else "train"
+        for key, value in record.items():
+            if key in ("kind", "step", "time") or not isinstance(value, (int, float)):
+                continue
+            self.tensorboard.add_scalar(f"{prefix}/{key}", value, record["step"])
+        if record["kind"] == "train":
+            for rank, used in enumerate(record["mem_bytes_per_rank"]):
+                self.tensorboard.add_scalar(f"memory_mb/rank{rank}", used / 2**20, record["step"])
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.jsonl_file is not None:
+            self.jsonl_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def build_metrics_writer(cfg: LoggingConfig, run_dir: str, is_main: bool, total_steps: int) -> MetricsWriter:
+    """Open the sinks LoggingConfig asks for, on rank 0 only. The JSONL file is appended to, so a
+    resumed run continues the same file."""
+    if not is_main:
+        return MetricsWriter(total_steps, console=False)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    jsonl_file = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8") if cfg.jsonl else None
+    tensorboard = None
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+    return MetricsWriter(total_steps, console=True, jsonl_file=jsonl_file, tensorboard=tensorboard)
