@@ -18,3 +18,5 @@ class ParallelConfig:
     # "cpu": megatron-core builds full weights on the host and slices them (layout-independent);
     # "cuda": megatron-core's RNG tracker initialises shards on the device (faster for huge layers).
     init_device: Literal["cpu", "cuda"] = "cpu"
+    # Bound on every collective: a dead peer turns into an error instead of a hang.
+    timeout_minutes: float = 10.0

@@ -1,0 +1,193 @@
+"""Process groups of one run: world = TP x PP x DP.
+
+megatron-core's parallel_state owns the groups the model's TP layers use; DeepSpeed's
+PipeModelDataParallelTopology describes the same layout to the pipeline engine. Both orders put TP
+fastest, then DP, then PP (megatron "tp-cp-ep-dp-pp", DeepSpeed axes pipe/data/model), and
+initialize() checks at start-up that this rank's TP, DP and PP groups are identical in both.
+"""
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from gridtrain.launcher.errors import UserError
+from gridtrain.parallel.config import ParallelConfig
+
+REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class MegatronMPU:
+    """The `mpu` DeepSpeed expects, backed by megatron-core's parallel_state.
+
+    DeepSpeed's "model parallel" group is every rank holding a different piece of one model
+    replica (TP x PP), which is megatron's model-parallel group; megatron lacks DeepSpeed's
+    get_model_parallel_rank/world_size names, hence this adapter.
+    """
+
+    def __init__(self):
+        from megatron.core import parallel_state
+
+        self._ps = parallel_state
+
+    def get_model_parallel_group(self):
+        return self._ps.get_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.get_model_parallel_group())
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.get_model_parallel_group())
+
+    def get_tensor_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps.get_data_parallel_world_size()
+
+    def get_pipeline_model_parallel_group(self):
+        return self._ps.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self._ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self._ps.get_pipeline_model_parallel_world_size()
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """This rank's place in the layout. `mpu` is handed to deepspeed.initialize; `topology` (a
+    DeepSpeed PipeModelDataParallelTopology) to the PipelineModule."""
+
+    rank: int
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+    backend: str
+    mpu: MegatronMPU
+    topology: object
+
+
+def select_backend(parallel: ParallelConfig) -> tuple[torch.device, str]:
+    """(device, backend): CUDA + nccl when a GPU is present, else CPU + gloo; config may force."""
+    cuda = torch.cuda.is_available()
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise UserError("parallel.backend='nccl': no CUDA device is visible; use 'gloo' or 'auto' on CPU")
+    if backend == "nccl":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)  # before the process group, so NCCL binds the right GPU
+        return torch.device("cuda", local_rank), backend
+    return torch.device("cpu"), backend
+
+
+def resolve_layout(parallel: ParallelConfig, world_size: int) -> tuple[int, int, int]:
+    """(tp, pp, dp) for this world; the launcher validates earlier, this guards direct callers."""
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    dp = parallel.data_parallel or world_size // max(tp * pp, 1)
+    if tp * pp * dp != world_size:
+        raise UserError(
+            f"parallel: tensor_parallel ({tp}) x pipeline_parallel ({pp}) x data_parallel ({dp}) = "
+            f"{tp * pp * dp}, but the world has {world_size} ranks; make the product equal the rank count"
+        )
+    return tp, pp, dp
+
+
+def init_world(backend: str, timeout: timedelta) -> None:
+    """The world process group from torchrun-style environment variables (a no-op if it exists)."""
+    if dist.is_initialized():
+        return
+    missing = [name for name in REQUIRED_ENV if name not in os.environ]
+    if missing:
+        raise UserError(
+            f"environment: {', '.join(missing)} not set; start ranks with `gridtrain train`, torchrun, "
+            "srun or mpirun through `gridtrain launch`, which set them"
+        )
+    dist.init_process_group(backend=backend, init_method="env://", timeout=timeout,
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def initialize(parallel: ParallelConfig) -> ParallelContext:
+    """Create the world group (if needed), megatron-core's TP/PP/DP groups and DeepSpeed's topology
+    for `parallel`; raise if the two disagree. Call destroy() before initializing another layout."""
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from megatron.core import parallel_state
+
+    device, backend = select_backend(parallel)
+    timeout = timedelta(minutes=parallel.timeout_minutes)
+    init_world(backend, timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    tp, pp, dp = resolve_layout(parallel, world_size)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=max(1, round(parallel.timeout_minutes)),
+        # megatron's extra gloo groups only serve its distributed optimizer, which gridtrain does not use
+        create_gloo_process_groups=False,
+    )
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    check_topology_agreement(topology, rank)
+    coord = topology.get_coord(rank)
+    return ParallelContext(
+        rank=rank, world_size=world_size, tp=tp, pp=pp, dp=dp,
+        tp_rank=coord.model, pp_rank=coord.pipe, dp_rank=coord.data,
+        device=device, backend=backend, mpu=MegatronMPU(), topology=topology,
+    )
+
+
+def check_topology_agreement(topology, rank: int) -> None:
+    """Raise if megatron-core's groups for `rank` differ from DeepSpeed's topology: the pipeline
+    engine would then exchange activations and gradients with ranks the TP layers do not expect."""
+    from megatron.core import parallel_state
+
+    megatron = {
+        "model": parallel_state.get_tensor_model_parallel_group(),
+        "data": parallel_state.get_data_parallel_group(),
+        "pipe": parallel_state.get_pipeline_model_parallel_group(),
+    }
+    problems = []
+    for axis, group in megatron.items():
+        ours = sorted(dist.get_process_group_ranks(group))
+        theirs = next(sorted(ranks) for ranks in topology.get_axis_comm_lists(axis) if rank in ranks)
+        if ours != theirs:
+            problems.append(f"{axis}: megatron-core {ours} vs DeepSpeed {theirs}")
+    if problems:
+        raise RuntimeError(f"rank {rank}: process groups of megatron-core and DeepSpeed's topology "
+                           f"disagree ({'; '.join(problems)}); both must order ranks TP fastest, then DP, then PP")
+
+
+def destroy(world: bool = True) -> None:
+    """Tear down megatron-core's groups and, if `world`, the world group (clean shutdown). With
+    world=False another layout of the same world can be initialized next (used by tests)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if world and dist.is_initialized():
+        import deepspeed.comm.comm as ds_comm
+
+        dist.destroy_process_group()
+        ds_comm.cdb = None  # DeepSpeed caches the backend; drop it with the group it wraps
