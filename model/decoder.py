@@ -1,0 +1,97 @@
+"""The decoder as an ordered list of layer factories (what a pipeline stage builds a slice of) and
+as one nn.Module (the PP=1 path). Both build identical weights from (seed, layer index)."""
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from gridtrain.model.block import Activations, Block
+from gridtrain.model.config import ModelConfig
+from gridtrain.model.embedding import Embedding
+from gridtrain.model.head import LMHead, tied_head_forward
+from gridtrain.model.init import layer_rng
+from gridtrain.model.norms import build_norm
+from gridtrain.model.tp_config import build_parallel_config
+
+TIE_KEY = "embed"
+
+
+@dataclass(frozen=True)
+class LayerFactory:
+    """One entry of the layer list; maps 1:1 onto DeepSpeed's LayerSpec / TiedLayerSpec.
+
+    build() returns the module (seeded, so any stage builds the same weights). Entries sharing a
+    tie_key share one module: the first builds it, later ones call forward_fn(module, inputs)
+    (or module(inputs) when forward_fn is None); tied_weight_attr names the shared parameter."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    tie_key: Optional[str] = None
+    forward_fn: Optional[Callable] = None
+    tied_weight_attr: Optional[str] = None
+
+
+class FinalNorm(nn.Module):
+    """(hidden, position_ids, segment_ids) -> the same with hidden normalised."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = build_norm(cfg)
+
+    def forward(self, inputs: Activations) -> Activations:
+        hidden, position_ids, segment_ids = inputs
+        return self.norm(hidden), position_ids, segment_ids
+
+
+def _seeded(seed: int, index: int, make: Callable[[], nn.Module]) -> nn.Module:
+    with layer_rng(seed, index):
+        return make()
+
+
+def build_layer_factories(cfg: ModelConfig, tp_size: int, seed: int, segment_mask: bool = False) -> list[LayerFactory]:
+    """[embedding, block_0 .. block_{L-1}, final_norm, head]. Factory i seeds its weights from
+    (seed, i); the tied gpt2 head reuses the embedding's build (same module, same seed).
+    Building the TP layers needs megatron.core.parallel_state initialised (gridtrain.parallel)."""
+    mp = build_parallel_config(tp_size)
+    embed_build = partial(_seeded, seed, 0, partial(Embedding, cfg, mp, tp_size))
+    tie = dict(tie_key=TIE_KEY, tied_weight_attr="word.weight") if cfg.tied else {}
+    factories = [LayerFactory("embedding", embed_build, **tie)]
+    for i in range(cfg.num_layers):
+        factories.append(LayerFactory(f"block_{i}", partial(_seeded, seed, i + 1, partial(Block, cfg, mp, segment_mask))))
+    head_index = cfg.num_layers + 2
+    factories.append(LayerFactory("final_norm", partial(_seeded, seed, head_index - 1, partial(FinalNorm, cfg))))
+    if cfg.tied:
+        factories.append(LayerFactory("head", embed_build, forward_fn=tied_head_forward, **tie))
+    else:
+        factories.append(LayerFactory("head", partial(_seeded, seed, head_index, partial(LMHead, cfg, mp, tp_size))))
+    return factories
+
+
+class Decoder(nn.Module):
+    """The whole decoder on one pipeline stage. Parameter names match DeepSpeed's PipelineModule
+    over the same factories: "<layer index>.<param>" and "tied_modules.embed.<param>"."""
+
+    def __init__(self, cfg: ModelConfig, tp_size: int, seed: int, segment_mask: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.tied_modules = nn.ModuleDict()
+        self._forward_funcs: list[Callable] = []
+        for index, factory in enumerate(build_layer_factories(cfg, tp_size, seed, segment_mask)):
+            if factory.tie_key is None:
+                module = factory.build()
+                self.add_module(str(index), module)
+                self._forward_funcs.append(module)
+                continue
+            if factory.tie_key not in self.tied_modules:
+                self.tied_modules[factory.tie_key] = factory.build()
+            module = self.tied_modules[factory.tie_key]
+            self._forward_funcs.append(partial(factory.forward_fn, module) if factory.forward_fn else module)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        """tokens, position_ids, segment_ids (B, T) int64 -> logits (B, T, padded_vocab / tp)."""
+        x = (tokens, position_ids, segment_ids)
+        for layer in self._forward_funcs:
+            x = layer(x)
+        return x

@@ -1,0 +1,37 @@
+"""Token embedding (vocab split across TP ranks) plus learned positions for gpt2."""
+import torch
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import VocabParallelEmbedding
+from torch import nn
+
+from gridtrain.model.config import ModelConfig
+from gridtrain.model.init import normal_init, padded_vocab_init
+
+Activations = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class Embedding(nn.Module):
+    """(tokens, position_ids, segment_ids) -> (hidden (B, T, h), position_ids, segment_ids).
+
+    word.weight is (padded_vocab / tp, h) on each TP rank; the padding rows are zero and never
+    looked up. gpt2 adds position.weight (max_seq_len, h), replicated, indexed by position_ids so
+    reset position ids work; llama gets its positions from RoPE inside attention."""
+
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig, tp_size: int):
+        super().__init__()
+        self.vocab_size = cfg.vocab_size
+        self.word = VocabParallelEmbedding(
+            cfg.padded_vocab_size(tp_size), cfg.hidden_size,
+            init_method=padded_vocab_init(cfg.init_std, cfg.vocab_size), config=mp_config,
+        )
+        self.position = None
+        if cfg.family == "gpt2":
+            self.position = nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
+            normal_init(cfg.init_std)(self.position.weight.data)
+
+    def forward(self, inputs: Activations) -> Activations:
+        tokens, position_ids, segment_ids = inputs
+        hidden = self.word(tokens)  # (B, T, h), all-reduced over TP
+        if self.position is not None:
+            hidden = hidden + self.position(position_ids)
+        return hidden, position_ids, segment_ids

@@ -1,0 +1,39 @@
+"""Feed-forward blocks: GELU MLP (gpt2) and SwiGLU (llama), the ffn dimension split across TP."""
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+from gridtrain.model.config import ModelConfig
+from gridtrain.model.init import normal_init
+
+
+class MLP(nn.Module):
+    """gpt2: fc_out(gelu_tanh(fc_in(x))) with biases (GPT-2's "gelu_new").
+    llama: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases; gate and up are separate
+    ColumnParallelLinears so their full weights do not depend on TP."""
+
+    def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig):
+        super().__init__()
+        self.family = cfg.family
+        h, f = cfg.hidden_size, cfg.ffn_size
+        bias = cfg.family == "gpt2"
+        column = dict(config=mp_config, init_method=normal_init(cfg.init_std), bias=bias, gather_output=False)
+        out_init = normal_init(cfg.init_std / math.sqrt(2.0 * cfg.num_layers))
+        row = dict(config=mp_config, init_method=out_init, bias=bias, input_is_parallel=True, skip_bias_add=False)
+        if self.family == "gpt2":
+            self.fc_in = ColumnParallelLinear(h, f, **column)
+            self.fc_out = RowParallelLinear(f, h, **row)
+        else:
+            self.gate_proj = ColumnParallelLinear(h, f, **column)
+            self.up_proj = ColumnParallelLinear(h, f, **column)
+            self.down_proj = RowParallelLinear(f, h, **row)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, h) -> (B, T, h); the inner (B, T, ffn/tp) lives on each TP rank."""
+        if self.family == "gpt2":
+            return self.fc_out(F.gelu(self.fc_in(x)[0], approximate="tanh"))[0]
+        return self.down_proj(F.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
