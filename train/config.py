@@ -41,6 +41,9 @@ class CheckpointConfig:
     interval_minutes: float = 0.0  # 0: off
     keep_last: int = 3
     keep_every: int = 0  # keep every M-th step permanently; 0: off
+    # With train.resume=none and checkpoints already in `dir`: false refuses to start; true moves
+    # them aside to <dir>.replaced-<UTC time> (nothing is deleted) and starts fresh.
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)

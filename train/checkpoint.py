@@ -1,0 +1,184 @@
+"""Checkpointer: the trainer's view of checkpoints. `resume(engine)` at start-up finds the newest
+checkpoint whose manifest verifies (or the one `train.resume` names) and restores DeepSpeed's
+model + optimizer shards, the RNG states and the TrainState; `maybe_save(engine, state)` after each
+step saves every `checkpoint.interval_steps` steps and/or `checkpoint.interval_minutes` minutes, or
+when forced (a stop request). Both are collective: every rank calls them at the same point."""
+import dataclasses
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from gridtrain.launcher.run_config import RunConfig
+from gridtrain.train.checkpoint_collectives import all_gather_object, any_rank, barrier, broadcast_object, rank_and_world
+from gridtrain.train.checkpoint_manifest import MANIFEST_NAME, STATE_NAME, read_manifest, verify_checkpoint
+from gridtrain.train.checkpoint_rng import restore_rng_state
+from gridtrain.train.checkpoint_save import DS_TAG, SaveContext, SaveResult, note, rng_file, save_checkpoint
+from gridtrain.train.checkpoint_store import (
+    CheckpointError, candidates, choose_valid, list_checkpoints, remove_stale_temps)
+from gridtrain.train.state import TrainState
+
+
+def checkpoint_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.train.run_dir) / "checkpoints")
+
+
+def run_layout(cfg: RunConfig, ctx) -> dict:
+    """The parallel layout a checkpoint's shards belong to; resuming needs the same one."""
+    return {"world_size": ctx.world_size, "tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp,
+            "zero_stage": cfg.parallel.zero_stage, "dtype": cfg.train.dtype}
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name in ("gridtrain", "deepspeed", "megatron-core"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def build_save_context(cfg: RunConfig, ctx) -> SaveContext:
+    return SaveContext(
+        ckpt_dir=checkpoint_dir(cfg), layout=run_layout(cfg, ctx),
+        config=json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+        versions=library_versions(), tokenizer=cfg.data.tokenizer,
+        keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every)
+
+
+def _ds(engine):
+    """gridtrain's TrainEngine wraps the DeepSpeed engine; DeepSpeed engines are accepted as is."""
+    return getattr(engine, "ds_engine", engine)
+
+
+class Checkpointer:
+    def __init__(self, cfg: RunConfig, ctx):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.save_context = build_save_context(cfg, ctx)
+        self.dir = self.save_context.ckpt_dir
+        self.last_saved_step: int | None = None
+        self.last_result: SaveResult | None = None
+        self._last_save_time = time.monotonic()
+
+    # ---- saving -------------------------------------------------------------------------------
+
+    def maybe_save(self, engine, state: TrainState, force: bool = False) -> SaveResult | None:
+        """Save if forced or an interval is due; returns what was saved, else None."""
+        if state.step == self.last_saved_step or not (force or self._due(state.step)):
+            return None
+        return self.save(engine, state)
+
+    def _due(self, step: int) -> bool:
+        ckpt = self.cfg.checkpoint
+        if ckpt.interval_steps > 0 and step % ckpt.interval_steps == 0:
+            return True
+        if ckpt.interval_minutes > 0:
+            # Clocks differ per rank: any rank past the interval decides for all (a collective,
+            # run only when time-based saving is on).
+            return any_rank(time.monotonic() - self._last_save_time >= ckpt.interval_minutes * 60)
+        return False
+
+    def save(self, engine, state: TrainState) -> SaveResult:
+        result = save_checkpoint(_ds(engine), state, self.save_context)
+        self.last_saved_step = state.step
+        self.last_result = result
+        self._last_save_time = time.monotonic()
+        note(f"checkpoint {result.path.name}: {result.bytes / 1e6:,.1f} MB in {result.seconds:.2f} s "
+             f"({result.gb_per_s:.3f} GB/s)")
+        return result
+
+    # ---- resuming -----------------------------------------------------------------------------
+
+    def resume(self, engine) -> TrainState | None:
+        """Restore the checkpoint `train.resume` asks for: "auto" (newest valid in checkpoint.dir,
+        None if there is none), "none" (fresh start; refuses if checkpoints exist unless
+        checkpoint.overwrite), or a path (one checkpoint, or a checkpoint folder to search)."""
+        mode = self.cfg.train.resume
+        if mode == "none":
+            self._start_fresh()
+            return None
+        if rank_and_world()[0] == 0:
+            remove_stale_temps(self.dir)
+        path = self._select(self.dir if mode == "auto" else Path(mode), explicit=mode != "auto")
+        if path is None:
+            return None
+        return self._load(engine, path)
+
+    def _start_fresh(self) -> None:
+        existing = list_checkpoints(self.dir)
+        if not existing:
+            return
+        if not getattr(self.cfg.checkpoint, "overwrite", False):
+            raise CheckpointError(
+                f"train.resume='none': {self.dir} already holds {len(existing)} checkpoint(s) (newest "
+                f"{existing[-1][1].name}); resume them (train.resume=auto), use another train.run_dir / "
+                "checkpoint.dir, or set checkpoint.overwrite=true to move them aside and start fresh")
+        barrier()
+        if rank_and_world()[0] == 0:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            aside = self.dir.with_name(f"{self.dir.name}.replaced-{stamp}")
+            self.dir.rename(aside)
+            note(f"checkpoint.overwrite: moved the previous checkpoints to {aside}")
+        barrier()
+
+    def _select(self, root: Path, explicit: bool) -> Path | None:
+        """The checkpoint to load, verified by all ranks together (each checksums a share of the
+        files). An explicitly named single checkpoint must verify; a folder falls back to older
+        checkpoints with a warning naming the bad file."""
+        single = (root / MANIFEST_NAME).exists() or (explicit and not list_checkpoints(root))
+        paths = broadcast_object([root] if single else candidates(root))
+        if not paths:
+            return None
+        chosen, rejected = choose_valid(paths, verify=self._verify_together)
+        for message in rejected:
+            note(f"warning: {message}")
+        if chosen is None:
+            what = f"train.resume={str(root)!r}" if explicit else f"checkpoint.dir={str(root)!r}"
+            raise CheckpointError(
+                f"{what}: no valid checkpoint ({' | '.join(rejected)}); restore the files, pick another "
+                "with --resume-from PATH, or start fresh with --no-resume")
+        return chosen
+
+    def _verify_together(self, path: Path) -> list[str]:
+        rank, world = rank_and_world()
+        problems = verify_checkpoint(path, checksums=True, share=(rank, world))
+        return sorted({p for part in all_gather_object(problems) for p in part})
+
+    def _load(self, engine, path: Path) -> TrainState:
+        manifest = read_manifest(path)
+        self._check_layout(path, manifest["layout"])
+        record = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+        load_path, _ = _ds(engine).load_checkpoint(str(path), tag=record.get("ds_tag", DS_TAG))
+        if load_path is None:
+            raise CheckpointError(f"{path}: DeepSpeed found no model states under {path / DS_TAG}")
+        rank = rank_and_world()[0]
+        rng = path / rng_file(rank)
+        if rng.exists():
+            skipped = restore_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+            if skipped:
+                note(f"warning: RNG states not restorable here: {', '.join(skipped)}")
+        state = TrainState.from_dict(record["train_state"])
+        self.last_saved_step = state.step
+        note(f"resumed from {path} (step {state.step}, {state.consumed_samples} samples consumed)")
+        return state
+
+    def _check_layout(self, path: Path, saved: dict) -> None:
+        """Same TP and PP are required (shards are per TP/PP rank); DP may change only without
+        ZeRO, where every DP rank holds the full optimizer state."""
+        now = self.save_context.layout
+        same_model_split = saved["tp"] == now["tp"] and saved["pp"] == now["pp"]
+        dp_ok = saved["dp"] == now["dp"] or (saved["zero_stage"] == 0 and now["zero_stage"] == 0)
+        if same_model_split and dp_ok:
+            return
+        show = lambda lay: f"TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}, ZeRO {lay['zero_stage']}"  # noqa: E731
+        raise CheckpointError(
+            f"{path} was saved with {show(saved)} but this run uses {show(now)}; run with the saved "
+            "layout (parallel.tensor_parallel / pipeline_parallel / data_parallel / zero_stage) or "
+            "convert it with `gridtrain checkpoint reshard`")

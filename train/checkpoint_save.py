@@ -1,0 +1,229 @@
+"""The save protocol: every rank writes its shard into one temporary folder, fsyncs and checksums
+its own files; rank 0 adds the manifest last, renames the folder into place, moves `latest` and
+applies retention. Any rank's failure (a full disk, say) is agreed on by all ranks, the temporary
+folder is removed and the previous checkpoint stays untouched.
+
+DeepSpeed writes its files through its own `save_checkpoint` (model states per TP/PP rank,
+`zero_pp_rank_*` optimizer partitions per DP rank, `layer_*` files for pipelines) into
+`<tmp>/ds/`. Its writes go through `engine.checkpoint_engine.save`; we wrap that object for the
+duration of the save to learn which files this rank wrote and to catch a failed write without
+leaving DeepSpeed's collectives (its trailing barrier) unmatched on the other ranks."""
+import errno
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gridtrain.train.checkpoint_collectives import all_gather_object, broadcast_object, rank_and_world
+from gridtrain.train.checkpoint_manifest import (
+    STATE_NAME, build_manifest, digest_files, list_files, write_text_atomic)
+from gridtrain.train.checkpoint_rng import capture_rng_state
+from gridtrain.train.checkpoint_store import (
+    CheckpointError, apply_retention, publish, read_latest, temp_path)
+from gridtrain.train.state import TrainState
+
+DS_TAG = "ds"
+TOKENIZER_NAME = "tokenizer.model"
+# Free space below which a failed write is reported as a full disk.
+_FULL_BELOW = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class SaveContext:
+    """What a save records besides the engine's tensors; built once per run."""
+    ckpt_dir: Path
+    layout: dict
+    config: dict
+    versions: dict
+    tokenizer: str | None = None
+    keep_last: int = 0
+    keep_every: int = 0
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    path: Path
+    step: int
+    bytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+def rng_file(rank: int) -> str:
+    return f"rng/rank_{rank:05d}.pt"
+
+
+class _RecordingWriter:
+    """Stands in for DeepSpeed's checkpoint engine during one save: delegates every call, remembers
+    the paths written and turns a failed write into a recorded error so DeepSpeed's control flow
+    (and its collectives) continues on this rank."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.paths: list[str] = []
+        self.error: str | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def save(self, state_dict, path):
+        if self.error is not None:
+            return None
+        try:
+            result = self._inner.save(state_dict, path)
+        except (OSError, RuntimeError) as exc:  # torch's zip writer reports ENOSPC as RuntimeError
+            self.error = _describe_write_error(path, exc)
+            return None
+        self.paths.append(str(path))
+        return result
+
+    def makedirs(self, path, exist_ok=False):
+        try:
+            return self._inner.makedirs(path, exist_ok=exist_ok)
+        except OSError as exc:
+            self.error = self.error or f"creating {path}: {_short(exc)}"
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _describe_write_error(path, exc: BaseException) -> str:
+    """One line for a failed write, with the free space left where it failed: torch's zip writer
+    reports a full disk as an opaque RuntimeError ("unexpected pos ...") rather than ENOSPC."""
+    text = f"writing {path}: {_short(exc)}"
+    try:
+        free = shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return text
+    full = getattr(exc, "errno", None) == errno.ENOSPC or free < _FULL_BELOW
+    return text + (f" (disk full: {free:,} bytes free)" if full else f" ({free:,} bytes free)")
+
+
+def _deepspeed_save(ds_engine, tmp: Path) -> tuple[list[str], str | None]:
+    """DeepSpeed's own save into <tmp>/ds on this rank; returns (files written, error or None)."""
+    writer = _RecordingWriter(ds_engine.checkpoint_engine)
+    original_copy = ds_engine._copy_recovery_script
+
+    def guarded_copy(save_path):
+        # Rank 0 copies zero_to_fp32.py with plain file I/O, outside the checkpoint engine.
+        try:
+            original_copy(save_path)
+        except OSError as exc:
+            writer.error = writer.error or _describe_write_error(save_path, exc)
+
+    ds_engine.checkpoint_engine = writer
+    ds_engine._copy_recovery_script = guarded_copy
+    try:
+        ds_engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
+    finally:
+        ds_engine.checkpoint_engine = writer._inner
+        del ds_engine._copy_recovery_script
+    return writer.paths, writer.error
+
+
+def _write_gridtrain_files(tmp: Path, state: TrainState, ctx: SaveContext, rank: int) -> list[str]:
+    """This rank's RNG state; on rank 0 also the run state JSON and the tokenizer copy."""
+    writes = [(rng_file(rank), lambda target: torch.save(capture_rng_state(), target))]
+    if rank == 0:
+        record = {"train_state": state.to_dict(), "layout": ctx.layout, "config": ctx.config,
+                  "versions": ctx.versions, "ds_tag": DS_TAG, "tokenizer": None}
+        if ctx.tokenizer:
+            record["tokenizer"] = TOKENIZER_NAME
+            writes.append((TOKENIZER_NAME, lambda target: shutil.copyfile(ctx.tokenizer, target)))
+        text = json.dumps(record, indent=2, sort_keys=True)
+        writes.append((STATE_NAME, lambda target: target.write_text(text, encoding="utf-8")))
+    for rel, write in writes:
+        try:
+            write(tmp / rel)
+        except (OSError, RuntimeError) as exc:
+            raise _WriteFailed(_describe_write_error(tmp / rel, exc)) from exc
+    return [rel for rel, _ in writes]
+
+
+class _WriteFailed(Exception):
+    pass
+
+
+def _write_rank_shard(ds_engine, tmp: Path, state: TrainState, ctx: SaveContext, rank: int):
+    """(manifest entries of this rank's files, error or None). Never raises for I/O errors."""
+    paths, error = _deepspeed_save(ds_engine, tmp)
+    if error is not None:
+        return {}, error
+    try:
+        relpaths = [Path(p).resolve().relative_to(tmp.resolve()).as_posix() for p in paths]
+        relpaths += _write_gridtrain_files(tmp, state, ctx, rank)
+        return digest_files(tmp, relpaths), None
+    except _WriteFailed as exc:
+        return {}, str(exc)
+    except OSError as exc:  # fsync or read-back for the checksum
+        return {}, f"fsync/checksum in {tmp}: {_short(exc)}"
+
+
+def _prepare_temp(tmp: Path, rank: int) -> None:
+    error = None
+    if rank == 0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        except OSError as exc:
+            error = f"creating {tmp}: {_short(exc)}"
+    error = broadcast_object(error)
+    if error is not None:
+        raise CheckpointError(f"checkpoint save failed: {error}")
+
+
+def _finish_on_rank0(tmp: Path, state: TrainState, ctx: SaveContext, entries: dict) -> tuple[Path, int]:
+    """Checksum files no rank claimed (DeepSpeed's recovery scripts), write the manifest last,
+    publish, apply retention."""
+    leftovers = [rel for rel in list_files(tmp) if rel not in entries]
+    entries = {**entries, **digest_files(tmp, leftovers)}
+    manifest = build_manifest(state.step, entries, ctx.layout, ctx.versions)
+    write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+    final = publish(tmp, ctx.ckpt_dir, state.step)
+    apply_retention(ctx.ckpt_dir, ctx.keep_last, ctx.keep_every)
+    return final, manifest["total_bytes"]
+
+
+def save_checkpoint(ds_engine, state: TrainState, ctx: SaveContext) -> SaveResult:
+    """Collective: every rank calls it at the same step. Raises CheckpointError on every rank if
+    any rank failed; then nothing was published and the previous checkpoint is intact."""
+    start = time.perf_counter()
+    rank, _ = rank_and_world()
+    tmp = temp_path(ctx.ckpt_dir, state.step)
+    _prepare_temp(tmp, rank)
+    entries, error = _write_rank_shard(ds_engine, tmp, state, ctx, rank)
+    gathered = all_gather_object((error, entries))
+    failures = [f"rank {r}: {err}" for r, (err, _) in enumerate(gathered) if err is not None]
+    outcome = None
+    if rank == 0:
+        if not failures:
+            merged = {rel: entry for _, part in gathered for rel, entry in part.items()}
+            try:
+                outcome = _finish_on_rank0(tmp, state, ctx, merged)
+            except OSError as exc:
+                failures.append(f"rank 0: publishing: {_short(exc)}")
+        if failures:
+            shutil.rmtree(tmp, ignore_errors=True)
+    failures, outcome = broadcast_object((failures, outcome))
+    if failures:
+        previous = read_latest(ctx.ckpt_dir)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"checkpoint save at step {state.step} into {ctx.ckpt_dir} failed ({'; '.join(failures[:3])}); "
+            f"nothing was published and {kept}; free space there or set checkpoint.dir elsewhere")
+    final, total = outcome
+    return SaveResult(path=Path(final), step=state.step, bytes=total, seconds=time.perf_counter() - start)
+
+
+def note(message: str) -> None:
+    """A rank-0 line on stderr in the CLI's style."""
+    if rank_and_world()[0] == 0:
+        print(f"[gridtrain] {message}", file=sys.stderr, flush=True)

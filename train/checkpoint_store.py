@@ -1,0 +1,148 @@
+"""The checkpoint folder of a run: published checkpoints `step_00000100/`, temporary folders of
+saves in progress `.tmp-step_00000100/`, and the `latest` pointer. Publishing is a rename on the same
+filesystem, so a reader sees a checkpoint completely or not at all. No torch import.
+
+    <checkpoint.dir>/
+      latest                    text: name of the newest published checkpoint (atomic replace)
+      step_00000100/
+        manifest.json           written last: files + sizes + sha256, layout, versions
+        gridtrain_state.json    TrainState, config, layout
+        rng/rank_00000.pt       per-rank RNG states
+        tokenizer.model         copy of the run's tokenizer (if any)
+        ds/...                  DeepSpeed's own files (mp_rank_*, zero_pp_rank_*, layer_*)
+"""
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+from gridtrain.launcher.errors import UserError
+from gridtrain.train.checkpoint_manifest import fsync_dir, verify_checkpoint, write_text_atomic
+
+LATEST_NAME = "latest"
+_NAME_RE = re.compile(r"^step_(\d{8,})$")
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(UserError):
+    """No usable checkpoint, or a save that could not complete."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(name: str) -> int | None:
+    match = _NAME_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Published checkpoints as (step, path), oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(step_of(p.name), p) for p in ckpt_dir.iterdir() if p.is_dir()]
+    return sorted((step, path) for step, path in found if step is not None)
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    try:
+        name = (Path(ckpt_dir) / LATEST_NAME).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return name if step_of(name) is not None else None
+
+
+def temp_path(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / f"{TMP_PREFIX}{checkpoint_name(step)}"
+
+
+def remove_stale_temps(ckpt_dir: Path) -> list[Path]:
+    """Delete temporary folders of saves that never published (a crash or a full disk mid-save)."""
+    ckpt_dir = Path(ckpt_dir)
+    stale = [p for p in ckpt_dir.glob(f"{TMP_PREFIX}*") if p.is_dir()] if ckpt_dir.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def publish(tmp: Path, ckpt_dir: Path, step: int) -> Path:
+    """Rename a finished temp folder (manifest already inside) to its final name, then move the
+    `latest` pointer. A published checkpoint of the same step (a rerun after --no-resume with
+    overwrite) is replaced: it is moved aside first, then deleted once the new one is in place."""
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / checkpoint_name(step)
+    fsync_dir(tmp)
+    replaced = None
+    if final.exists():
+        replaced = ckpt_dir / f"{TMP_PREFIX}replaced-{final.name}"
+        shutil.rmtree(replaced, ignore_errors=True)
+        final.rename(replaced)
+    tmp.rename(final)
+    fsync_dir(ckpt_dir)
+    write_text_atomic(ckpt_dir / LATEST_NAME, final.name + "\n")
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    return final
+
+
+def retention_victims(steps: list[int], keep_last: int, keep_every: int) -> list[int]:
+    """Steps to delete: all but the newest `keep_last` (0 keeps all), except multiples of
+    `keep_every` (kept permanently)."""
+    if keep_last <= 0:
+        return []
+    recent = set(sorted(steps)[-keep_last:])
+    return [s for s in sorted(steps) if s not in recent and not (keep_every > 0 and s % keep_every == 0)]
+
+
+def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete old checkpoints per the retention rule; returns the deleted paths. A victim is first
+    renamed to a temp name so a crash mid-delete never leaves a half-deleted checkpoint that looks
+    published."""
+    by_step = dict(list_checkpoints(ckpt_dir))
+    deleted = []
+    for step in retention_victims(list(by_step), keep_last, keep_every):
+        doomed = Path(ckpt_dir) / f"{TMP_PREFIX}deleting-{by_step[step].name}"
+        by_step[step].rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        deleted.append(by_step[step])
+    return deleted
+
+
+def candidates(ckpt_dir: Path) -> list[Path]:
+    """Checkpoints to try on resume, newest first. The `latest` pointer is not trusted for this: a
+    crash between the rename and the pointer update leaves it one behind, and a newer folder is
+    complete anyway because publishing is a rename. The pointer serves tools and humans."""
+    return [path for _, path in reversed(list_checkpoints(ckpt_dir))]
+
+
+def choose_valid(paths: list[Path], verify=None) -> tuple[Path | None, list[str]]:
+    """The first checkpoint of `paths` that verifies, with one warning per rejected checkpoint
+    naming the bad file(s). `verify(path) -> problems` defaults to a full checksum check."""
+    verify = verify or verify_checkpoint
+    rejected = []
+    for path in paths:
+        problems = verify(path)
+        if not problems:
+            return path, rejected
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        rejected.append(f"checkpoint {path} is invalid: {problems[0]}{more}; falling back to an older one")
+    return None, rejected
+
+
+def find_resumable(ckpt_dir: Path, verify=None) -> Path | None:
+    """The newest valid checkpoint in `ckpt_dir`, warning for each invalid one skipped. None if the
+    folder holds no checkpoint at all; CheckpointError if it holds some but none is valid."""
+    paths = candidates(ckpt_dir)
+    if not paths:
+        return None
+    chosen, rejected = choose_valid(paths, verify)
+    for message in rejected:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    if chosen is None:
+        raise CheckpointError(
+            f"checkpoint.dir={str(ckpt_dir)!r}: none of its {len(paths)} checkpoints is valid ("
+            + " | ".join(rejected) + "); restore the files, pick one with --resume-from PATH, or "
+            "start fresh with --no-resume")
+    return chosen

@@ -1,0 +1,73 @@
+"""Preemption: Slurm sends SIGTERM (or SIGUSR1 with `#SBATCH --signal=USR1@<seconds>`) before
+killing a job, possibly reaching some ranks before others. The handler only sets a local flag; once
+per step the trainer calls `should_stop()`, which takes the MAX of the flag over all ranks, so every
+rank sees the same answer at the same step, finishes it, saves, and exits with PREEMPTED_EXIT_CODE.
+
+Slurm script contract: exit status PREEMPTED_EXIT_CODE means "stopped cleanly for preemption, a
+checkpoint was written, requeue me":
+
+    srun gridtrain launch config.yaml; status=$?
+    if [ $status -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; fi
+    exit $status
+"""
+import signal
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry". Distinct from 0
+# (finished), 1 (crash), 2 (user error) and 128+N (killed by signal N).
+PREEMPTED_EXIT_CODE = 75
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Collects stop signals on this rank; `should_stop()` agrees across ranks. Collective: when a
+    process group is initialised, every rank must call `should_stop()` at the same step."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signals = tuple(signals)
+        self.received: int | None = None  # first signal number seen on this rank
+        self._previous = {}
+
+    def install(self) -> "StopRequest":
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        # Only set a flag: a handler runs between bytecodes, possibly inside a collective, so it
+        # must not communicate or raise.
+        if self.received is None:
+            self.received = signum
+
+    def request(self) -> None:
+        """Ask for a stop from code (tests, a time limit) as if a signal had arrived."""
+        if self.received is None:
+            self.received = signal.SIGTERM
+
+    @property
+    def local(self) -> bool:
+        return self.received is not None
+
+    def should_stop(self) -> bool:
+        """True on every rank iff any rank has received a stop signal. One tiny all-reduce."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.local
+        backend = dist.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        flag = torch.tensor([1 if self.local else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
