@@ -1,0 +1,142 @@
+"""Training datasets: megatron-core's GPTDataset over our shards, blended by
+BlendedMegatronDatasetBuilder, with the sample-index caches built by one rank only.
+
+megatron-core writes its cache files (.npy + description) in place and treats a folder holding all
+of them as a hit, so a rank killed mid-write would leave a cache that later runs trust. We keep a
+manifest of the files a finished build produced and, before building, delete any cache file that
+is not in it (left by an interrupted build), so megatron-core rebuilds it."""
+import contextlib
+import json
+import os
+from typing import Optional
+
+from gridtrain.data.config import DataConfig
+from gridtrain.launcher.errors import ConfigError
+
+MANIFEST = "gridtrain-cache-manifest.json"
+
+
+def parse_blend(blend) -> tuple[list[str], Optional[list[float]]]:
+    """data.blend ([[weight, prefix], ...] or a single prefix string) -> (prefixes, weights).
+    Weights are None for a single prefix, which megatron-core then samples directly."""
+    if isinstance(blend, str):
+        blend = [[1.0, blend]]
+    problems, prefixes, weights = [], [], []
+    for i, entry in enumerate(blend or ()):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            problems.append((f"data.blend[{i}]", entry, "give a [weight, prefix] pair"))
+            continue
+        weight, prefix = entry
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+            problems.append((f"data.blend[{i}].weight", weight, "use a positive number"))
+        if not isinstance(prefix, str) or not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
+            problems.append((f"data.blend[{i}].prefix", prefix,
+                             "no PREFIX.bin + PREFIX.idx there; run `gridtrain preprocess` first"))
+        prefixes.append(prefix)
+        weights.append(float(weight) if isinstance(weight, (int, float)) else 0.0)
+    if not prefixes and not problems:
+        problems.append(("data.blend", blend, "list at least one [weight, prefix] pair"))
+    if problems:
+        raise ConfigError(problems)
+    return prefixes, (weights if len(prefixes) > 1 else None)
+
+
+def gpt_dataset_config(cfg: DataConfig, cache_dir: str, tokenizer):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return GPTDatasetConfig(
+        random_seed=cfg.seed,
+        sequence_length=cfg.seq_length,
+        blend=parse_blend(cfg.blend),
+        split=cfg.split,
+        path_to_cache=os.path.abspath(cache_dir),
+        tokenizer=tokenizer,
+        reset_position_ids=cfg.reset_position_ids,
+        reset_attention_mask=cfg.reset_attention_mask,
+        eod_mask_loss=cfg.eod_mask_loss,
+        # The model builds its causal/segment mask from segment_ids; an [s, s] mask per sample
+        # would only cost memory and time here.
+        create_attention_mask=False,
+    )
+
+
+def build_datasets(cfg: DataConfig, num_samples: tuple[int, int, int], cache_dir: str, tokenizer):
+    """(train, valid, test) datasets with at least num_samples samples each (None for a split with
+    a 0% share). Collective when torch.distributed is initialized: call it on every rank; rank 0
+    builds missing index caches in cache_dir, the others wait at a barrier and load them."""
+    import torch.distributed as dist
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    config = gpt_dataset_config(cfg, cache_dir, tokenizer)
+    with single_rank_group_if_needed():
+        is_rank0 = dist.get_rank() == 0
+        if is_rank0:
+            discard_unfinished_cache(cache_dir)
+        builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
+        train, valid, test = builder.build()
+        if is_rank0:
+            record_finished_cache(cache_dir)
+        dist.barrier()
+    return train, valid, test
+
+
+@contextlib.contextmanager
+def single_rank_group_if_needed():
+    """megatron-core's BlendedDataset asks torch.distributed for the rank unconditionally, so an
+    offline build (`gridtrain data index`, tests) runs inside a throw-away 1-rank gloo group."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def cache_files(cache_dir: str) -> dict[str, int]:
+    if not os.path.isdir(cache_dir):
+        return {}
+    return {
+        name: os.path.getsize(os.path.join(cache_dir, name))
+        for name in os.listdir(cache_dir)
+        if name.endswith((".npy", ".txt"))
+    }
+
+
+def read_manifest(cache_dir: str) -> dict[str, int]:
+    try:
+        with open(os.path.join(cache_dir, MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def discard_unfinished_cache(cache_dir: str) -> list[str]:
+    """Delete cache files that no finished build recorded (or whose size changed)."""
+    finished = read_manifest(cache_dir)
+    removed = [name for name, size in cache_files(cache_dir).items() if finished.get(name) != size]
+    for name in removed:
+        os.remove(os.path.join(cache_dir, name))
+    return removed
+
+
+def record_finished_cache(cache_dir: str) -> None:
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, MANIFEST)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(cache_files(cache_dir), f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def samples_for_run(train_steps: int, global_batch_size: int, eval_steps: int,
+                    micro_batch_size: int, dp: int) -> tuple[int, int, int]:
+    """The sample counts a run asks build_datasets for: the whole run's training samples and one
+    fixed validation (and test) set of eval_steps micro-batches per DP rank. The counts are part of
+    megatron-core's cache key, so `gridtrain data index` and the trainer must agree on them."""
+    eval_samples = eval_steps * micro_batch_size * dp
+    return train_steps * global_batch_size, eval_samples, eval_samples

@@ -1,0 +1,125 @@
+"""The preprocessing worker: raw chunk bytes -> token ids + EOD per document, with bad records
+counted. Runs in pool processes (or in-process for --workers 1); the SentencePiece model is
+loaded once per process."""
+import json
+import re
+from dataclasses import dataclass, field
+from itertools import chain
+
+import numpy as np
+import sentencepiece as spm
+
+from gridtrain.data.readers import Chunk
+
+# Bad-record locations kept per reason for the report; counts are always complete.
+KEEP_LOCATIONS = 5
+BLANK_LINES = re.compile(rb"(\n(?:[ \t\r\f\v]*\n)+)")
+
+
+@dataclass
+class EncodedChunk:
+    tokens: np.ndarray  # all documents' ids, each followed by EOD, in the shard dtype
+    lengths: np.ndarray  # int64 [documents], each including its EOD
+    records: int  # documents kept + records skipped
+    input_bytes: int
+    bad: dict = field(default_factory=dict)  # reason -> [count, ["path:line", ...]]
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    model_path: str
+    json_key: str
+    eod: int
+    dtype: str  # numpy dtype name of the shard tokens
+
+
+_processor = None
+
+
+def init_worker(model_path: str) -> None:
+    global _processor
+    _processor = spm.SentencePieceProcessor(model_file=model_path)
+
+
+def note_bad(bad: dict, reason: str, chunk: Chunk, line: int) -> None:
+    entry = bad.setdefault(reason, [0, []])
+    entry[0] += 1
+    if len(entry[1]) < KEEP_LOCATIONS:
+        entry[1].append(f"{chunk.path}:{line}")
+
+
+def valid_utf8(text: str) -> bool:
+    """JSON \\u escapes can produce lone surrogates, which are not encodable text."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def parse_jsonl(chunk: Chunk, key: str, bad: dict) -> tuple[list[str], int]:
+    texts, records = [], 0
+    for offset, raw in enumerate(chunk.data.split(b"\n")):
+        if not raw.strip():
+            continue
+        records += 1
+        line = chunk.first_line + offset
+        try:
+            obj = json.loads(raw)
+        except UnicodeDecodeError:
+            note_bad(bad, "non-utf8", chunk, line)
+            continue
+        except ValueError:
+            note_bad(bad, "invalid-json", chunk, line)
+            continue
+        text = obj.get(key) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            note_bad(bad, "missing-key", chunk, line)
+        elif not text.strip():
+            note_bad(bad, "empty", chunk, line)
+        elif b"\\u" in raw and not valid_utf8(text):
+            note_bad(bad, "non-utf8", chunk, line)
+        else:
+            texts.append(text)
+    return texts, records
+
+
+def parse_text(chunk: Chunk, bad: dict) -> tuple[list[str], int]:
+    """"file": the chunk is one document; "blocks": documents separated by blank lines."""
+    if chunk.kind == "file":
+        pieces = [chunk.data]
+    else:
+        pieces = BLANK_LINES.split(chunk.data)
+    texts, records, line = [], 0, chunk.first_line
+    for i, raw in enumerate(pieces):
+        start = line
+        line += raw.count(b"\n")
+        if i % 2 == 1 or (chunk.kind == "blocks" and not raw.strip()):
+            continue  # a separator, or blank space around it
+        records += 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            note_bad(bad, "non-utf8", chunk, start)
+            continue
+        if not text.strip():
+            note_bad(bad, "empty", chunk, start)
+        else:
+            texts.append(text)
+    return texts, records
+
+
+def encode_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
+    bad = {}
+    if chunk.kind == "jsonl":
+        texts, records = parse_jsonl(chunk, settings.json_key, bad)
+    else:
+        texts, records = parse_text(chunk, bad)
+    # One thread: parallelism comes from the worker processes.
+    ids = _processor.encode(texts, out_type=int, num_threads=1) if texts else []
+    eod = (settings.eod,)
+    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
+    tokens = np.fromiter(
+        chain.from_iterable(chain(doc, eod) for doc in ids), dtype=settings.dtype, count=int(lengths.sum()),
+    )
+    return EncodedChunk(tokens, lengths, records, len(chunk.data), bad)

@@ -1,0 +1,191 @@
+"""`gridtrain preprocess`: text -> Megatron-format token shards, streaming.
+
+The main process reads raw chunks and writes shards; a pool of workers decodes, parses and
+encodes chunks. Results come back in input order, so the output is byte-identical for any
+--workers. At most a few chunks per worker are in flight (Pool.imap would read the whole input
+ahead into its task queue), so memory stays bounded whatever the input size."""
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional, TextIO
+
+from gridtrain.data import encode, readers
+from gridtrain.data.spm_model import load_processor, special_ids
+from gridtrain.data.shards import ShardWriter, shard_prefix, token_dtype
+from gridtrain.launcher.errors import UserError
+
+IN_FLIGHT_PER_WORKER = 4
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    inputs: tuple
+    tokenizer: str
+    output_prefix: str
+    json_key: str = "text"
+    workers: int = 1
+    shard_size_tokens: Optional[int] = None
+    part: Optional[str] = None
+    txt_mode: str = "file"  # "file": one document per file; "blocks": blank-line separated
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class Totals:
+    documents: int = 0
+    tokens: int = 0
+    records: int = 0
+    input_bytes: int = 0
+    bad: dict = field(default_factory=dict)
+
+    def add(self, result: encode.EncodedChunk) -> None:
+        self.documents += len(result.lengths)
+        self.tokens += int(result.lengths.sum())
+        self.records += result.records
+        self.input_bytes += result.input_bytes
+        for reason, (count, where) in result.bad.items():
+            entry = self.bad.setdefault(reason, [0, []])
+            entry[0] += count
+            entry[1].extend(where[: encode.KEEP_LOCATIONS - len(entry[1])])
+
+    @property
+    def skipped(self) -> int:
+        return sum(count for count, _ in self.bad.values())
+
+
+class Progress:
+    """A redrawn bar on a terminal, a plain line every `interval` seconds otherwise."""
+
+    def __init__(self, total_bytes: int, stream: TextIO, interval: float = 10.0):
+        self.total_bytes = total_bytes
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval = 0.2 if self.tty else interval
+        self.start = self.last = time.perf_counter()
+
+    def update(self, totals: Totals, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not final and now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        done = min(totals.input_bytes / self.total_bytes, 1.0) if self.total_bytes else 1.0
+        rates = (f"{totals.input_bytes / 1e6 / elapsed:6.1f} MB/s {totals.tokens / elapsed / 1e3:8.1f}k tok/s "
+                 f"{totals.documents} docs {totals.skipped} skipped")
+        if self.tty:
+            bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
+            self.stream.write(f"\r[{bar}] {100 * done:5.1f}% {rates}" + ("\n" if final else ""))
+        else:
+            self.stream.write(f"preprocess: {100 * done:5.1f}% {rates}\n")
+        self.stream.flush()
+
+
+def ordered_results(chunks: Iterable, settings: encode.EncodeSettings, workers: int) -> Iterator:
+    if workers <= 1:
+        encode.init_worker(settings.model_path)
+        for chunk in chunks:
+            yield encode.encode_chunk(chunk, settings)
+        return
+    context = multiprocessing.get_context("fork")
+    with context.Pool(workers, initializer=encode.init_worker, initargs=(settings.model_path,)) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(encode.encode_chunk, (chunk, settings)))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def preprocess(opts: PreprocessOptions, stream: TextIO = sys.stderr) -> dict:
+    """Run one preprocessing job; returns the summary (also written as PREFIX.summary.json)."""
+    check_options(opts)
+    processor = load_processor(opts.tokenizer)
+    eod = special_ids(processor)["eod"]
+    if eod < 0:
+        raise UserError(f"--tokenizer={opts.tokenizer!r}: the model has neither <eod> nor eos; "
+                        "documents could not be separated")
+    files = readers.expand_inputs(list(opts.inputs))
+    if opts.part:
+        files = readers.select_part(files, opts.part)
+    dtype = token_dtype(processor.GetPieceSize())
+    settings = encode.EncodeSettings(os.path.abspath(opts.tokenizer), opts.json_key, eod, dtype.__name__)
+    writer = ShardWriter(opts.output_prefix, dtype, opts.shard_size_tokens, opts.part)
+    totals, started = Totals(), time.perf_counter()
+    progress = Progress(sum(os.path.getsize(f) for f in files), stream)
+    try:
+        for result in ordered_results(readers.all_chunks(files, opts.txt_mode), settings, opts.workers):
+            writer.add(result.tokens, result.lengths)
+            totals.add(result)
+            progress.update(totals)
+        progress.update(totals, final=True)
+        check_bad_fraction(totals, opts.max_bad_fraction)
+        shards = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    summary = build_summary(opts, files, totals, shards, dtype, time.perf_counter() - started)
+    write_summary(summary, shard_prefix(opts.output_prefix, opts.part, None) + ".summary.json")
+    return summary
+
+
+def check_options(opts: PreprocessOptions) -> None:
+    problems = []
+    if opts.workers < 1:
+        problems.append(f"--workers={opts.workers}: use 1 or more")
+    if opts.shard_size_tokens is not None and opts.shard_size_tokens < 1:
+        problems.append(f"--shard-size-tokens={opts.shard_size_tokens}: use a positive token count")
+    if not 0 <= opts.max_bad_fraction <= 1:
+        problems.append(f"--max-bad-fraction={opts.max_bad_fraction}: use a fraction in [0, 1]")
+    if opts.txt_mode not in ("file", "blocks"):
+        problems.append(f"--txt-mode={opts.txt_mode!r}: use file or blocks")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def bad_report(totals: Totals) -> str:
+    return "; ".join(f"{reason}: {count} (first at {', '.join(where)})"
+                     for reason, (count, where) in sorted(totals.bad.items()))
+
+
+def check_bad_fraction(totals: Totals, max_bad_fraction: float) -> None:
+    if totals.documents == 0:
+        raise UserError(f"--input: no usable document in {totals.records} records"
+                        + (f" ({bad_report(totals)})" if totals.bad else "")
+                        + "; check --json-key and the input format")
+    fraction = totals.skipped / max(totals.records, 1)
+    if fraction > max_bad_fraction:
+        raise UserError(
+            f"--max-bad-fraction={max_bad_fraction}: {totals.skipped} of {totals.records} records "
+            f"({100 * fraction:.2f}%) are bad: {bad_report(totals)}; fix the input or raise the limit"
+        )
+
+
+def build_summary(opts, files, totals: Totals, shards, dtype, seconds: float) -> dict:
+    output_bytes = sum(os.path.getsize(p + ".bin") + os.path.getsize(p + ".idx") for p, _, _ in shards)
+    return {
+        "documents": totals.documents, "tokens": totals.tokens, "records": totals.records,
+        "input_bytes": totals.input_bytes, "output_bytes": output_bytes,
+        "skipped": totals.skipped,
+        "bad": {reason: {"count": count, "first": where} for reason, (count, where) in sorted(totals.bad.items())},
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(totals.tokens / max(seconds, 1e-9), 1),
+        "mb_per_second": round(totals.input_bytes / 1e6 / max(seconds, 1e-9), 3),
+        "workers": opts.workers, "tokenizer": os.path.abspath(opts.tokenizer), "dtype": dtype.__name__,
+        "input_files": len(files), "part": opts.part,
+        "shards": [{"prefix": p, "documents": d, "tokens": t} for p, d, t in shards],
+        # Ready for data.blend: each shard weighted by its tokens, i.e. sampled in proportion.
+        "blend": [[t, os.path.abspath(p)] for p, _, t in shards],
+    }
+
+
+def write_summary(summary: dict, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

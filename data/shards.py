@@ -1,0 +1,99 @@
+"""Writing Megatron-format shards (PREFIX.bin + PREFIX.idx) through megatron-core's own
+IndexedDatasetBuilder, so megatron-core's IndexedDataset and Megatron-LM read them unchanged.
+
+Shards are written under names that do not form a .bin/.idx pair (PREFIX.bin.partial,
+PREFIX.idx.partial) and renamed only when the whole run succeeded, so an interrupted run never
+leaves a pair that looks complete."""
+import os
+from typing import Optional
+
+import numpy as np
+
+PARTIAL = ".partial"
+
+
+def token_dtype(vocab_size: int) -> type:
+    """uint16 when every id fits (megatron-core's GPTDatasetConfig uses the same rule)."""
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def shard_prefix(output_prefix: str, part: Optional[str], shard: Optional[int]) -> str:
+    prefix = output_prefix
+    if part:
+        index, count = part.split("/")
+        prefix += f"_part{int(index):03d}of{int(count):03d}"
+    if shard is not None:
+        prefix += f"_{shard:05d}"
+    return prefix
+
+
+class ShardWriter:
+    """Appends documents to the current shard; starts a new shard after one reaches
+    shard_size_tokens (documents are never split). finish() publishes all shards atomically."""
+
+    def __init__(self, output_prefix: str, dtype: type, shard_size_tokens: Optional[int],
+                 part: Optional[str] = None):
+        self.output_prefix = output_prefix
+        self.dtype = dtype
+        self.shard_size_tokens = shard_size_tokens
+        self.part = part
+        self.done: list[tuple[str, int, int]] = []  # (prefix, documents, tokens) of closed shards
+        self.builder = None
+        self.prefix = None
+        self.documents = 0
+        self.tokens = 0
+
+    def _open(self) -> None:
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        shard = len(self.done) if self.shard_size_tokens else None
+        self.prefix = shard_prefix(self.output_prefix, self.part, shard)
+        os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
+        self.builder = IndexedDatasetBuilder(self.prefix + ".bin" + PARTIAL, dtype=self.dtype)
+        self.documents = self.tokens = 0
+
+    def _close(self) -> None:
+        self.builder.finalize(self.prefix + ".idx" + PARTIAL)
+        self.done.append((self.prefix, self.documents, self.tokens))
+        self.builder = None
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """tokens: the documents' ids back to back; lengths: each document's token count."""
+        start = 0
+        for length in lengths.tolist():
+            if self.builder is None:
+                self._open()
+            self.builder.add_document(tokens[start:start + length], [length])
+            start += length
+            self.documents += 1
+            self.tokens += length
+            if self.shard_size_tokens and self.tokens >= self.shard_size_tokens:
+                self._close()
+
+    def finish(self) -> list[tuple[str, int, int]]:
+        """Close the last shard and rename every shard to its final name (.bin first, .idx last:
+        a reader checks for both)."""
+        if self.builder is not None and self.documents:
+            self._close()
+        elif self.builder is not None:
+            self.abort_current()
+        for prefix, _, _ in self.done:
+            os.replace(prefix + ".bin" + PARTIAL, prefix + ".bin")
+        for prefix, _, _ in self.done:
+            os.replace(prefix + ".idx" + PARTIAL, prefix + ".idx")
+        return list(self.done)
+
+    def abort_current(self) -> None:
+        self.builder.data_file.close()
+        os.remove(self.prefix + ".bin" + PARTIAL)
+        self.builder = None
+
+    def abort(self) -> None:
+        """Remove every partial file of this run."""
+        if self.builder is not None:
+            self.abort_current()
+        for prefix, _, _ in self.done:
+            for suffix in (".bin", ".idx"):
+                if os.path.exists(prefix + suffix + PARTIAL):
+                    os.remove(prefix + suffix + PARTIAL)
+        self.done = []
