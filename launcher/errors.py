@@ -12,4 +12,7 @@ class ConfigError(UserError):
 
     def __init__(self, problems: list[tuple[str, object, str]]):
         self.problems = list(problems)
-        super().__init__("; ".join(f"{field}={value!r}: {fix}" for field, value, fix in self.problems))
+        text = "; ".join(f"{field}={value!r}: {fix}" for field, value, fix in self.problems)
+        if len(self.problems) > 1:
+            text = f"{len(self.problems)} config problems: {text}"
+        super().__init__(text)

@@ -1,0 +1,154 @@
+"""`gridtrain train`, `gridtrain launch` and `gridtrain env`. torch/deepspeed are imported inside the
+handlers only, so `--help` and `train --dry-run` answer in about a second."""
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from gridtrain.launcher.errors import UserError
+
+RESOLVED_CONFIG = "resolved-config.yaml"
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser(
+        "train", allow_abbrev=False, help="validate a config and train it on local (or several) nodes",
+        description="Compose CONFIG files (later wins), apply --section.field=value overrides, validate, "
+                    "then spawn the ranks of this node with torch's elastic agent.")
+    _config_arguments(train)
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the resolved config and derived numbers (size, FLOPs, memory), no training")
+    train.add_argument("--nproc-per-node", type=int, help="ranks on this node (default: the config's layout / nnodes)")
+    train.add_argument("--nnodes", type=int, default=1, help="number of nodes (default 1)")
+    train.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
+    train.add_argument("--master-addr", help="host of node 0 (required with --nnodes > 1)")
+    train.add_argument("--master-port", type=int, help="free port on node 0 (required with --nnodes > 1)")
+    train.add_argument("--resume-from", metavar="PATH", help="resume from this checkpoint (sets train.resume)")
+    train.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="device to validate for (auto: CUDA if present); --dry-run of a GPU preset on a CPU host needs cuda")
+    train.set_defaults(handler=train_command)
+
+    launch = subparsers.add_parser(
+        "launch", allow_abbrev=False, help="per-rank entry point (under torchrun, srun or mpirun)",
+        description="Run one rank: discover RANK/WORLD_SIZE from torchrun, Slurm or MPI, validate "
+                    "against the real world size, then train.")
+    _config_arguments(launch)
+    launch.set_defaults(handler=launch_command)
+
+    env = subparsers.add_parser("env", help="versions, backend, devices and optional kernels of this machine")
+    env.set_defaults(handler=env_command)
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("configs", nargs="+", metavar="CONFIG", help="YAML files, merged in order")
+    parser.epilog = "Overrides: --section.field=value (YAML scalar rules), e.g. --train.steps=100 --optim.lr=1e-3"
+    parser.set_defaults(accepts_overrides=True)
+
+
+def split_extra_args(args) -> tuple[list[str], list[str]]:
+    """(config paths, overrides): argparse leaves --section.field=value (and any config path
+    given after one) in args.extra_args."""
+    configs, overrides = list(args.configs), []
+    for arg in getattr(args, "extra_args", []):
+        if arg.startswith("--"):
+            overrides.append(arg)
+        else:
+            configs.append(arg)
+    return configs, overrides
+
+
+def _load(args, extra_overrides=()):
+    from gridtrain.launcher.config import load_config
+
+    configs, overrides = split_extra_args(args)
+    return load_config(configs, overrides + list(extra_overrides))
+
+
+def _resume_overrides(args) -> list[str]:
+    if args.resume_from and args.no_resume:
+        raise UserError("--resume-from and --no-resume contradict each other; give one")
+    if args.resume_from:
+        return [f"train.resume={args.resume_from}"]
+    return ["train.resume=none"] if args.no_resume else []
+
+
+def _layout_world(cfg, args) -> tuple[int, int]:
+    """(nproc per node, world size) from the flags, else from the config's layout."""
+    if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise UserError(f"--nnodes {args.nnodes} / --node-rank {args.node_rank}: need nnodes >= 1 and 0 <= node-rank < nnodes")
+    nproc = args.nproc_per_node
+    if nproc is None:
+        par = cfg.parallel
+        ranks = par.tensor_parallel * par.pipeline_parallel * (par.data_parallel or 1)
+        if ranks % args.nnodes:
+            raise UserError(f"--nnodes {args.nnodes}: the config's layout has {ranks} ranks, not a multiple "
+                            "of the node count; give --nproc-per-node")
+        nproc = ranks // args.nnodes
+    if nproc < 1:
+        raise UserError(f"--nproc-per-node {nproc}: must be >= 1")
+    return nproc, nproc * args.nnodes
+
+
+def _device(choice: str, import_torch: bool) -> str:
+    if choice != "auto":
+        return choice
+    if not import_torch:  # dry-run: stay torch-free; the NVIDIA driver's device node says enough
+        return "cuda" if os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_command(args) -> int:
+    from gridtrain.launcher.config import write_config
+    from gridtrain.launcher.validate import validate
+
+    cfg = _load(args, _resume_overrides(args))
+    nproc, world = _layout_world(cfg, args)
+    device = _device(args.device, import_torch=not args.dry_run)
+    validate(cfg, world, device)
+    if args.dry_run:
+        from gridtrain.launcher.dryrun import report
+
+        print(report(cfg, world), end="")
+        return 0
+    from gridtrain.launcher.spawn import NodeSpec, RankFailed, spawn
+
+    # Every rank reads this one file, so all ranks train the identical resolved config.
+    path = write_config(cfg, Path(cfg.train.run_dir) / RESOLVED_CONFIG)
+    node = NodeSpec(args.nnodes, nproc, args.node_rank, args.master_addr, args.master_port)
+    print(f"gridtrain: node {args.node_rank}/{args.nnodes}: {nproc} rank(s) on {device}, world {world}, config {path}",
+          file=sys.stderr, flush=True)
+    try:
+        spawn(node, str(path), device)
+    except RankFailed as exc:
+        print(f"gridtrain: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def launch_command(args) -> int:
+    from gridtrain.launcher.rank_env import discover
+    from gridtrain.launcher.validate import validate
+
+    cfg = _load(args)
+    ranks = discover()
+    validate(cfg, ranks.world_size, _device("auto", import_torch=True))
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from gridtrain.train.loop import run
+
+    # record() writes a crashing rank's traceback where the elastic agent reports it from.
+    return int(record(run)(cfg) or 0)
+
+
+def env_command(args) -> int:
+    from gridtrain.launcher.env_report import env_report
+
+    rows = env_report()
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0

@@ -1,0 +1,45 @@
+"""`gridtrain train CONFIG --dry-run`: the resolved config and the numbers derived from it
+(size, FLOPs, batch, accumulation, pipeline bubble, per-rank memory). Imports no torch/deepspeed."""
+import yaml
+
+from gridtrain.launcher.config import to_yaml
+from gridtrain.launcher.run_config import RunConfig
+from gridtrain.launcher.validate import data_parallel_size
+from gridtrain.model.flops import count_parameters, training_flops_per_token
+from gridtrain.parallel.memory_estimate import stage_parameters_per_rank, zero_memory_per_rank
+
+
+def derived_numbers(cfg: RunConfig, world_size: int) -> dict:
+    """Numbers of a validated config on `world_size` ranks. Memory is per rank, in bytes, for the
+    largest pipeline stage (the one whose ranks run out of memory first)."""
+    par, t = cfg.parallel, cfg.train
+    tp, pp = par.tensor_parallel, par.pipeline_parallel
+    dp = data_parallel_size(cfg, world_size)
+    micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+    tokens_per_step = t.global_batch_size * cfg.data.seq_length
+    flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_length)
+    stage_params = stage_parameters_per_rank(cfg.model, tp, pp, par.pipeline_partition)
+    memory = zero_memory_per_rank(max(stage_params), dp, par.zero_stage, t.dtype)
+    return {
+        "world_size": world_size,
+        "layout": f"TP={tp} x PP={pp} x DP={dp}",
+        "parameters": count_parameters(cfg.model, tp),
+        "padded_vocab_size": cfg.model.padded_vocab_size(tp),
+        "parameters_per_rank_by_stage": stage_params,
+        "training_flops_per_token": flops_per_token,
+        "global_batch_samples": t.global_batch_size,
+        "global_batch_tokens": tokens_per_step,
+        "micro_batches_per_step": micro_batches,
+        "pipeline_bubble_fraction": round((pp - 1) / (micro_batches + pp - 1), 6),
+        "training_tokens": tokens_per_step * t.steps,
+        "training_flops": flops_per_token * tokens_per_step * t.steps,
+        "memory_per_rank_bytes": {"zero_stage": par.zero_stage, "dtype": t.dtype, **memory},
+        "memory_per_rank_gib": {k: round(v / 2**30, 3) for k, v in memory.items()},
+    }
+
+
+def report(cfg: RunConfig, world_size: int) -> str:
+    """The resolved config, then the derived numbers, both as YAML (machine- and human-readable)."""
+    derived = yaml.safe_dump({"derived": derived_numbers(cfg, world_size)}, sort_keys=False,
+                             default_flow_style=None, width=100)
+    return f"# resolved config\n{to_yaml(cfg)}\n# derived (per-rank memory: weights, gradients, optimizer states)\n{derived}"

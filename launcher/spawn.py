@@ -1,0 +1,82 @@
+"""Spawn the ranks of one node with torch's elastic agent (the engine behind torchrun); each rank
+runs `gridtrain launch` on the resolved config. A failed rank makes the agent stop the others and
+raise ChildFailedError, which we turn into one line naming the rank."""
+import os
+from dataclasses import dataclass
+
+from gridtrain.launcher.errors import UserError
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    nnodes: int
+    nproc_per_node: int
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+class RankFailed(Exception):
+    """One or more ranks exited non-zero; str() names them."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def set_rank_environment(device: str) -> None:
+    """Environment every rank inherits. CPU: one thread per rank unless the user chose (ranks share
+    the cores). CUDA: Megatron's settings for ordered TP communication and NCCL fail-fast."""
+    if device == "cuda":
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    else:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+
+
+def torchrun_args(node: NodeSpec, config_path: str) -> list[str]:
+    """torchrun arguments running `python -m gridtrain.launcher.cli launch CONFIG` on this node."""
+    args = [f"--nnodes={node.nnodes}", f"--nproc-per-node={node.nproc_per_node}", "--max-restarts=0",
+            "--monitor-interval=0.5"]
+    if node.master_addr is None and node.nnodes == 1:
+        args.append("--standalone")  # c10d rendezvous on a free local port
+    else:
+        if node.master_addr is None or node.master_port is None:
+            raise UserError("--master-addr and --master-port are required with --nnodes > 1 "
+                            "(the host and a free port of node 0, the same on every node)")
+        args += ["--rdzv-backend=static", f"--node-rank={node.node_rank}",
+                 f"--master-addr={node.master_addr}", f"--master-port={node.master_port}"]
+    return args + ["-m", "gridtrain.launcher.cli", "launch", config_path]
+
+
+def spawn(node: NodeSpec, config_path: str, device: str) -> None:
+    """Run this node's ranks to completion; raise RankFailed naming the failed rank(s)."""
+    set_rank_environment(device)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(torchrun_args(node, config_path))
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        raise RankFailed(describe_failures(exc.failures), _exit_code(exc.failures)) from None
+
+
+def describe_failures(failures: dict) -> str:
+    """One line: every failed global rank with its exit code or signal, the first failure first."""
+    ordered = sorted(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    parts = []
+    for rank, failure in ordered:
+        if failure.exitcode < 0:
+            how = f"killed by {failure.signal_name()}"
+        else:
+            how = f"exit code {failure.exitcode}"
+        parts.append(f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) failed: {how}")
+    return "; ".join(parts) + "; the other ranks were stopped (see the rank's output above)"
+
+
+def _exit_code(failures: dict) -> int:
+    """2 if every failed rank reported a user error (exit 2), else 1."""
+    codes = {failure.exitcode for failure in failures.values()}
+    return 2 if codes == {2} else 1

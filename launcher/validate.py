@@ -1,0 +1,227 @@
+"""validate(cfg, world_size, device): every cross-field rule of a run config, checked before any
+process group exists. All problems are collected into one ConfigError, each naming the field, its
+value and the fix, in megatron's style ("must be a multiple of parallel.tensor_parallel (5)")."""
+from gridtrain.launcher.errors import ConfigError
+from gridtrain.launcher.run_config import RunConfig
+
+Problem = tuple[str, object, str]
+
+# field -> (lower bound, inclusive?, what the bound means); None values mean "default" and pass.
+_BOUNDS = {
+    "model.vocab_size": (1, True, ""), "model.hidden_size": (1, True, ""),
+    "model.num_layers": (1, True, ""), "model.num_attention_heads": (1, True, ""),
+    "model.num_kv_heads": (1, True, "or null for multi-head attention"),
+    "model.ffn_hidden_size": (1, True, "or null for the family's default"),
+    "model.max_seq_len": (1, True, ""), "model.norm_eps": (0, False, ""),
+    "model.rope_theta": (0, False, ""), "model.init_std": (0, False, ""),
+    "model.make_vocab_size_divisible_by": (
+        1, True, "(the vocab is padded to a multiple of it x parallel.tensor_parallel so every TP "
+                 "rank holds an equal slice; Megatron's default is 128)"),
+    "parallel.tensor_parallel": (1, True, ""), "parallel.pipeline_parallel": (1, True, ""),
+    "parallel.data_parallel": (1, True, "or null to fill the world size"),
+    "data.seq_length": (1, True, ""), "data.num_workers": (0, True, ""),
+    "optim.lr": (0, False, ""), "optim.min_lr": (0, True, ""), "optim.weight_decay": (0, True, ""),
+    "optim.beta1": (0, True, ""), "optim.beta2": (0, True, ""), "optim.eps": (0, False, ""),
+    "optim.grad_clip": (0, True, "(0 turns clipping off)"), "optim.warmup_steps": (0, True, ""),
+    "optim.decay_steps": (1, True, "or null to decay over train.steps"),
+    "train.steps": (1, True, ""), "train.global_batch_size": (1, True, ""),
+    "train.micro_batch_size": (1, True, ""), "train.eval_interval": (0, True, "(0 turns evaluation off)"),
+    "train.eval_steps": (0, True, ""), "train.peak_flops": (0, False, "or null to measure it"),
+    "checkpoint.interval_steps": (0, True, "(0 turns it off)"),
+    "checkpoint.interval_minutes": (0, True, "(0 turns it off)"),
+    "checkpoint.keep_last": (1, True, ""), "checkpoint.keep_every": (0, True, "(0 turns it off)"),
+    "logging.log_interval": (1, True, ""),
+}
+
+
+def validate(cfg: RunConfig, world_size: int | None, device: str) -> None:
+    """Raise one ConfigError listing every problem of `cfg` for `world_size` ranks (None: not
+    known yet, e.g. a dry-run without a layout) on `device` ("cpu" or "cuda")."""
+    problems = _bounds(cfg)
+    bad = {field for field, _, _ in problems}
+    problems += _layout(cfg, world_size, bad)
+    problems += _model_shape(cfg, bad)
+    problems += _batch(cfg, world_size, bad)
+    problems += _device(cfg, device)
+    problems += _optim_and_train(cfg, bad)
+    problems += _data(cfg, bad)
+    if problems:
+        raise ConfigError(problems)
+
+
+def data_parallel_size(cfg: RunConfig, world_size: int | None) -> int:
+    """DP degree: parallel.data_parallel, else the world size over TP x PP, else 1."""
+    if cfg.parallel.data_parallel is not None:
+        return cfg.parallel.data_parallel
+    if world_size is None:
+        return 1
+    return max(1, world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel))
+
+
+def _get(cfg: RunConfig, field: str):
+    section, name = field.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _bounds(cfg: RunConfig) -> list[Problem]:
+    problems = []
+    for field, (low, inclusive, note) in _BOUNDS.items():
+        value = _get(cfg, field)
+        if value is None or (value >= low if inclusive else value > low):
+            continue
+        relation = ">=" if inclusive else ">"
+        problems.append((field, value, f"must be {relation} {low}" + (f" {note}" if note else "")))
+    for field in ("optim.beta1", "optim.beta2"):
+        if _get(cfg, field) >= 1:
+            problems.append((field, _get(cfg, field), "must be < 1 (Adam's moment decay), e.g. 0.9 or 0.95"))
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        problems.append(("parallel.zero_stage", cfg.parallel.zero_stage, "must be 0, 1, 2 or 3"))
+    return problems
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _layout(cfg: RunConfig, world_size: int | None, bad: set) -> list[Problem]:
+    par, m = cfg.parallel, cfg.model
+    if bad & {"parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.data_parallel"}:
+        return []
+    tp, pp, dp = par.tensor_parallel, par.pipeline_parallel, par.data_parallel
+    problems = []
+    if world_size is not None and dp is not None and tp * pp * dp != world_size:
+        fix = f"launch {tp * pp * dp} ranks"
+        if world_size % (tp * pp) == 0:
+            fix = f"set parallel.data_parallel to {world_size // (tp * pp)} (or null), or " + fix
+        problems.append(("world_size", world_size, f"must equal parallel.tensor_parallel ({tp}) x "
+                         f"parallel.pipeline_parallel ({pp}) x parallel.data_parallel ({dp}) = {tp * pp * dp}; {fix}"))
+    elif world_size is not None and dp is None and world_size % (tp * pp) != 0:
+        problems.append(("world_size", world_size, f"must be a multiple of parallel.tensor_parallel ({tp}) x "
+                         f"parallel.pipeline_parallel ({pp}) = {tp * pp}; launch a multiple of {tp * pp} ranks or change the layout"))
+    if "model.num_layers" not in bad and m.num_layers < pp:
+        problems.append(("model.num_layers", m.num_layers, f"must be at least parallel.pipeline_parallel ({pp}): "
+                         f"every pipeline stage needs a decoder layer; use pipeline_parallel <= {m.num_layers} or more layers"))
+    if par.zero_stage in (2, 3) and pp > 1:
+        problems.append(("parallel.zero_stage", par.zero_stage, f"DeepSpeed's pipeline engine refuses ZeRO-2/3 with "
+                         f"parallel.pipeline_parallel ({pp}) > 1; use zero_stage 0 or 1 with pipelines, or pipeline_parallel 1 for ZeRO-2/3"))
+    return problems
+
+
+def _model_shape(cfg: RunConfig, bad: set) -> list[Problem]:
+    m, tp = cfg.model, cfg.parallel.tensor_parallel
+    if bad & {f"model.{f}" for f in ("hidden_size", "num_attention_heads", "num_kv_heads", "ffn_hidden_size")}:
+        return []
+    heads, kv = m.num_attention_heads, m.kv_heads
+    problems = []
+    if m.hidden_size % heads:
+        problems.append(("model.hidden_size", m.hidden_size, f"must be a multiple of model.num_attention_heads ({heads}); "
+                         f"e.g. {heads * max(1, m.hidden_size // heads)} or {heads * (m.hidden_size // heads + 1)}"))
+    elif m.family == "llama" and m.head_dim % 2:
+        problems.append(("model.hidden_size", m.hidden_size, f"gives an odd head dim ({m.head_dim}) with "
+                         f"model.num_attention_heads ({heads}); rotary embeddings rotate pairs, so make hidden_size / heads even"))
+    if heads % kv:
+        problems.append(("model.num_kv_heads", kv, f"must divide model.num_attention_heads ({heads}): each KV head "
+                         f"serves a whole group of query heads; use one of {_divisors(heads)}"))
+    if "parallel.tensor_parallel" in bad:
+        return problems
+    if heads % tp:
+        problems.append(("model.num_attention_heads", heads, f"must be a multiple of parallel.tensor_parallel ({tp}): "
+                         f"each TP rank holds whole heads; use a tensor_parallel among {_divisors(heads)}"))
+    if kv % tp:
+        problems.append(("model.num_kv_heads", kv, f"must be a multiple of parallel.tensor_parallel ({tp}): each TP "
+                         f"rank holds whole KV heads; use a tensor_parallel among {_divisors(kv)} or more KV heads"))
+    if m.ffn_size % tp:
+        problems.append(("model.ffn_hidden_size", m.ffn_size, f"must be a multiple of parallel.tensor_parallel ({tp}): "
+                         "the MLP's columns are split evenly across TP ranks"))
+    return problems
+
+
+def _batch(cfg: RunConfig, world_size: int | None, bad: set) -> list[Problem]:
+    t = cfg.train
+    if bad & {"train.global_batch_size", "train.micro_batch_size", "parallel.tensor_parallel",
+              "parallel.pipeline_parallel", "parallel.data_parallel"}:
+        return []
+    dp = data_parallel_size(cfg, world_size)
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step == 0:
+        return []
+    lower = per_step * max(1, t.global_batch_size // per_step)
+    return [("train.global_batch_size", t.global_batch_size, f"must be a multiple of train.micro_batch_size "
+             f"({t.micro_batch_size}) x data_parallel ({dp}) = {per_step}: every DP rank accumulates whole "
+             f"micro-batches; use {lower} or {lower + per_step}, or change micro_batch_size")]
+
+
+def _device(cfg: RunConfig, device: str) -> list[Problem]:
+    if device == "cuda":
+        return []
+    problems = []
+    if cfg.parallel.sequence_parallel:
+        problems.append(("parallel.sequence_parallel", True, "megatron-core's sequence parallel needs CUDA "
+                         "(it calls torch.cuda.current_device()); set it to false on CPU"))
+    if cfg.train.dtype != "fp32":
+        problems.append(("train.dtype", cfg.train.dtype, "CPU runs train in fp32 (fp16/bf16 go through "
+                         "DeepSpeed's CUDA mixed-precision path); set train.dtype to fp32"))
+    if cfg.parallel.backend == "nccl":
+        problems.append(("parallel.backend", "nccl", "NCCL needs CUDA devices; use auto or gloo on CPU"))
+    if cfg.parallel.init_device == "cuda":
+        problems.append(("parallel.init_device", "cuda", "initialising weights on CUDA needs a GPU; use cpu"))
+    return problems
+
+
+def _optim_and_train(cfg: RunConfig, bad: set) -> list[Problem]:
+    o, t = cfg.optim, cfg.train
+    problems = []
+    if not bad & {"optim.lr", "optim.min_lr"} and o.min_lr > o.lr:
+        problems.append(("optim.min_lr", o.min_lr, f"must be <= optim.lr ({o.lr}): the schedule decays from lr to min_lr"))
+    if o.decay_steps is not None and not bad & {"optim.decay_steps", "optim.warmup_steps"} and o.decay_steps < o.warmup_steps:
+        problems.append(("optim.decay_steps", o.decay_steps, f"must be >= optim.warmup_steps ({o.warmup_steps}); "
+                         "or null to decay over train.steps"))
+    if not t.run_dir:
+        problems.append(("train.run_dir", t.run_dir, "must name a folder for checkpoints, logs and metrics"))
+    if not t.resume:
+        problems.append(("train.resume", t.resume, 'use "auto" (latest valid checkpoint), "none", or a checkpoint path'))
+    if t.eval_interval > 0 and t.eval_steps < 1 and "train.eval_steps" not in bad:
+        problems.append(("train.eval_steps", t.eval_steps, "must be >= 1 when train.eval_interval > 0; "
+                         "or set eval_interval to 0 to turn evaluation off"))
+    return problems
+
+
+def _data(cfg: RunConfig, bad: set) -> list[Problem]:
+    d = cfg.data
+    problems = []
+    if "data.seq_length" not in bad and "model.max_seq_len" not in bad and d.seq_length > cfg.model.max_seq_len:
+        problems.append(("data.seq_length", d.seq_length, f"must be <= model.max_seq_len ({cfg.model.max_seq_len}): "
+                         "position tables are built for max_seq_len; lower seq_length or raise max_seq_len"))
+    problems += _blend(d.blend)
+    if not d.tokenizer:
+        problems.append(("data.tokenizer", d.tokenizer, "set the SentencePiece .model path (gridtrain tokenizer "
+                         "trains one); the datasets need its end-of-document id"))
+    parts = d.split.split(",")
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if not 1 <= len(parts) <= 3 or len(numbers) != len(parts) or min(numbers) < 0 or sum(numbers) <= 0:
+        problems.append(("data.split", d.split, 'must be up to 3 comma-separated non-negative weights for '
+                         'train,valid,test with a positive sum, e.g. "98,1,1"'))
+    return problems
+
+
+def _blend(blend) -> list[Problem]:
+    fix = "must be a list of [weight, prefix] pairs, e.g. [[1.0, data/corpus_text_document]]"
+    if not blend:
+        return [("data.blend", list(blend), fix + " (the shards gridtrain preprocess wrote)")]
+    problems = []
+    for i, entry in enumerate(blend):
+        field = f"data.blend[{i}]"
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            problems.append((field, entry, fix))
+            continue
+        weight, prefix = entry
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            problems.append((field, list(entry), "weight must be a positive number, e.g. [0.3, data/wiki_text_document]"))
+        if not isinstance(prefix, str) or not prefix:
+            problems.append((field, list(entry), "prefix must be a path string naming PREFIX.bin / PREFIX.idx"))
+        elif prefix.endswith((".bin", ".idx")):
+            problems.append((field, list(entry), f"give the prefix without .bin/.idx: {prefix[:-4]}"))
+    return problems
