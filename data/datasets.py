@@ -140,3 +140,8 @@ def samples_for_run(train_steps: int, global_batch_size: int, eval_steps: int,
     megatron-core's cache key, so `gridtrain data index` and the trainer must agree on them."""
     eval_samples = eval_steps * micro_batch_size * dp
     return train_steps * global_batch_size, eval_samples, eval_samples
+
+
+def default_cache_dir(cfg: DataConfig, run_dir: str) -> str:
+    """data.cache_dir, else <run_dir>/index-cache (one cache per run folder)."""
+    return cfg.cache_dir or os.path.join(run_dir, "index-cache")

@@ -1,0 +1,114 @@
+"""`gridtrain tokenizer train`, `gridtrain preprocess` and `gridtrain data index`. Heavy imports
+(megatron-core, torch) stay inside the handlers."""
+import json
+import os
+import sys
+import warnings
+
+from gridtrain.launcher.errors import UserError
+
+
+def register(subparsers) -> None:
+    tokenizer = subparsers.add_parser("tokenizer", help="train a SentencePiece tokenizer")
+    tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    train = tok_sub.add_parser(
+        "train", help="train SentencePiece (byte fallback, bos/eos/pad + <eod>) on a bounded sample",
+        description="Writes DIR/tokenizer.model, tokenizer.vocab and tokenizer.json (special ids).")
+    train.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".jsonl[.gz]/.txt files, globs or folders")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    train.add_argument("--out", required=True, metavar="DIR")
+    train.add_argument("--sample-bytes", type=int, default=20_000_000,
+                       help="train on about this many bytes spread evenly over the input (default 20 MB)")
+    train.add_argument("--json-key", default="text")
+    train.add_argument("--txt-mode", choices=("file", "blocks"), default="file")
+    train.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    train.set_defaults(handler=tokenizer_train_command)
+
+    pre = subparsers.add_parser(
+        "preprocess", help="text -> Megatron-format token shards (PREFIX.bin + PREFIX.idx)",
+        description="Streams .jsonl/.jsonl.gz/.txt input through a worker pool; the output is "
+                    "byte-identical for any --workers. Writes PREFIX.summary.json beside the shards.")
+    pre.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB")
+    pre.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model")
+    pre.add_argument("--output-prefix", required=True, metavar="PREFIX")
+    pre.add_argument("--json-key", default="text", help="field holding the text in .jsonl records")
+    pre.add_argument("--txt-mode", choices=("file", "blocks"), default="file",
+                     help=".txt inputs: one document per file, or per blank-line-separated block")
+    pre.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    pre.add_argument("--shard-size-tokens", type=int, metavar="T",
+                     help="start a new shard PREFIX_NNNNN after about T tokens (default: one shard)")
+    pre.add_argument("--part", metavar="I/N", help="process only slice I (0-based) of N of the sorted input files")
+    pre.add_argument("--max-bad-fraction", type=float, default=0.01,
+                     help="fail when more than this fraction of records is bad (default 0.01)")
+    pre.set_defaults(handler=preprocess_command)
+
+    data = subparsers.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    index = data_sub.add_parser(
+        "index", help="prebuild the sample-index caches of a run config offline",
+        description="Builds exactly the caches the trainer would build at start-up (same sample "
+                    "counts), so no rank races or waits on them.")
+    index.add_argument("configs", nargs="+", metavar="CONFIG")
+    index.add_argument("--world-size", type=int, help="ranks of the run, for its DP size "
+                       "(default: parallel.data_parallel, else TP x PP, i.e. DP=1)")
+    index.set_defaults(handler=data_index_command, accepts_overrides=True)
+
+
+def quiet_library_warnings() -> None:
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def tokenizer_train_command(args) -> int:
+    from gridtrain.data.tokenizer_train import train_tokenizer
+
+    info = train_tokenizer(args.input, args.vocab_size, args.out, args.model_type, args.sample_bytes,
+                           args.json_key, args.txt_mode, max(1, args.threads))
+    print(f"tokenizer: {info['model']} ({info['model_type']}, {info['vocab_size']} pieces, "
+          f"special ids {json.dumps(info['special_ids'])})")
+    return 0
+
+
+def preprocess_command(args) -> int:
+    quiet_library_warnings()
+    from gridtrain.data.preprocess import PreprocessOptions, preprocess
+
+    opts = PreprocessOptions(
+        inputs=tuple(args.input), tokenizer=args.tokenizer, output_prefix=args.output_prefix,
+        json_key=args.json_key, workers=args.workers, shard_size_tokens=args.shard_size_tokens,
+        part=args.part, txt_mode=args.txt_mode, max_bad_fraction=args.max_bad_fraction,
+    )
+    summary = preprocess(opts, sys.stderr)
+    bad = "".join(f"; skipped {reason}: {entry['count']} (first at {', '.join(entry['first'])})"
+                  for reason, entry in summary["bad"].items())
+    print(f"preprocess: {summary['documents']} documents, {summary['tokens']} tokens, "
+          f"{summary['input_bytes'] / 1e6:.1f} MB in, {summary['output_bytes'] / 1e6:.1f} MB out, "
+          f"{summary['skipped']} skipped, {summary['seconds']:.1f} s "
+          f"({summary['tokens_per_second'] / 1e3:.0f}k tokens/s) -> "
+          + ", ".join(s["prefix"] for s in summary["shards"]) + bad)
+    return 0
+
+
+def data_index_command(args) -> int:
+    quiet_library_warnings()
+    from gridtrain.data.datasets import build_datasets, default_cache_dir, samples_for_run
+    from gridtrain.data.tokenizer import SentencePieceTokenizer
+    from gridtrain.launcher.commands import split_extra_args
+    from gridtrain.launcher.config import load_config
+    from gridtrain.launcher.validate import data_parallel_size
+
+    configs, overrides = split_extra_args(args)
+    cfg = load_config(configs, overrides)
+    if not cfg.data.tokenizer:
+        raise UserError("data.tokenizer=None: set the SentencePiece .model the shards were made with")
+    world = args.world_size or (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+    dp = data_parallel_size(cfg, world)
+    t = cfg.train
+    num_samples = samples_for_run(t.steps, t.global_batch_size, t.eval_steps, t.micro_batch_size, dp)
+    cache_dir = default_cache_dir(cfg.data, t.run_dir)
+    datasets = build_datasets(cfg.data, num_samples, cache_dir, SentencePieceTokenizer(cfg.data.tokenizer))
+    sizes = ", ".join(f"{name} {len(d) if d is not None else 0}" for name, d in zip(("train", "valid", "test"), datasets))
+    print(f"data index: {cache_dir} ready for DP={dp}, samples requested {list(num_samples)} (built: {sizes})")
+    return 0
+
