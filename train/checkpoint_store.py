@@ -13,7 +13,7 @@ filesystem, so a reader sees a checkpoint completely or not at all. No torch imp
 """
 import re
 import shutil
-import warnings
+import sys
 from pathlib import Path
 
 from gridtrain.launcher.errors import UserError
@@ -139,7 +139,7 @@ def find_resumable(ckpt_dir: Path, verify=None) -> Path | None:
         return None
     chosen, rejected = choose_valid(paths, verify)
     for message in rejected:
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        print(f"[gridtrain] warning: {message}", file=sys.stderr, flush=True)
     if chosen is None:
         raise CheckpointError(
             f"checkpoint.dir={str(ckpt_dir)!r}: none of its {len(paths)} checkpoints is valid ("
