@@ -1,0 +1,193 @@
+"""The per-rank trainer. `run(cfg)` is what every rank spawned by `gridtrain launch` calls; it reads
+top to bottom: set up (seed, process groups, data, engine, resume) -> train() -> train_step() /
+evaluate() each step -> summary -> tear down."""
+import dataclasses
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from gridtrain.launcher.errors import UserError
+from gridtrain.launcher.run_config import RunConfig
+from gridtrain.model.flops import training_flops_per_token
+from gridtrain.train.metrics import (
+    MetricsWriter, build_metrics_writer, eval_record, gather_memory, perplexity, step_record, total_peak_flops,
+)
+from gridtrain.train.schedule import lr_at
+
+
+@dataclass
+class Trainer:
+    """Everything one rank's loop needs, built once by build_trainer."""
+
+    cfg: RunConfig
+    ctx: object  # gridtrain.parallel.groups.ParallelContext
+    engine: object  # gridtrain.parallel.engine.TrainEngine
+    train_data: object
+    valid_data: Optional[object]
+    checkpointer: object  # gridtrain.train.checkpoint.Checkpointer
+    stop: object  # gridtrain.train.preemption.StopRequest
+    writer: MetricsWriter
+    state: object  # gridtrain.train.state.TrainState
+    flops_per_token: float
+    peak_flops_total: float
+
+
+def run(cfg: RunConfig) -> int:
+    """Train one rank to cfg.train.steps; returns 0 when done, or PREEMPTED_EXIT_CODE after a stop
+    signal (SIGTERM/SIGUSR1 on any rank) made every rank save and stop at the same step."""
+    from gridtrain.launcher import rank_env
+    from gridtrain.parallel import groups
+    from gridtrain.train.preemption import PREEMPTED_EXIT_CODE, StopRequest
+
+    seed_everything(cfg.train.seed)
+    rank_env.discover()  # torchrun's variables pass through; srun / mpirun ones are mapped onto them
+    ctx = groups.initialize(cfg.parallel)
+    trainer = None
+    try:
+        with StopRequest() as stop:
+            trainer = build_trainer(cfg, ctx, stop)
+            finished = train(trainer)
+    finally:
+        if trainer is not None:
+            trainer.writer.close()
+        groups.destroy()
+    return 0 if finished else PREEMPTED_EXIT_CODE
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch alike on every rank. Weights do not depend on it (each layer
+    seeds its own initialisation) but anything else random (dropout, probes) then repeats."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:
+    from gridtrain.parallel.engine import build_engine
+    from gridtrain.train.checkpoint import Checkpointer
+    from gridtrain.train.state import TrainState
+
+    writer = build_metrics_writer(cfg.logging, cfg.train.run_dir, ctx.rank == 0, cfg.train.steps)
+    writer.note(f"rank layout: world {ctx.world_size} = TP {ctx.tp} x PP {ctx.pp} x DP {ctx.dp}, "
+                f"ZeRO {cfg.parallel.zero_stage}, {ctx.backend} on {ctx.device}")
+    train_data, valid_data = build_data(cfg, ctx)
+    engine = build_engine(cfg, ctx)
+    checkpointer = Checkpointer(cfg, ctx)
+    state = checkpointer.resume(engine) or TrainState(step=0, consumed_samples=0)
+    if state.step:
+        writer.note(f"resumed at step {state.step}, {state.consumed_samples} samples consumed")
+    peak_total, peak_source = total_peak_flops(cfg.train.peak_flops, ctx.device)
+    writer.note(f"peak FLOP/s for MFU: {peak_total:.3e} over {ctx.world_size} ranks, {peak_source}")
+    return Trainer(
+        cfg=cfg, ctx=ctx, engine=engine, train_data=train_data, valid_data=valid_data,
+        checkpointer=checkpointer, stop=stop, writer=writer, state=state,
+        flops_per_token=training_flops_per_token(cfg.model, cfg.data.seq_length),
+        peak_flops_total=peak_total,
+    )
+
+
+def build_data(cfg: RunConfig, ctx) -> tuple:
+    """Train and validation datasets sized for the whole run: steps * global batch training samples
+    and one fixed validation set of eval_steps micro-batches per DP rank, reused at every eval so
+    the validation losses are comparable across steps."""
+    from gridtrain.data.datasets import build_datasets, samples_for_run
+    from gridtrain.data.tokenizer import SentencePieceTokenizer
+
+    if not cfg.data.tokenizer:
+        raise UserError("data.tokenizer=None: set it to the SentencePiece .model file the shards were made with")
+    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(
+            f"model.vocab_size={cfg.model.vocab_size}: the tokenizer {cfg.data.tokenizer} has "
+            f"{tokenizer.vocab_size} tokens; set model.vocab_size to at least {tokenizer.vocab_size}"
+        )
+    num_samples = samples_for_run(cfg.train.steps, cfg.train.global_batch_size, cfg.train.eval_steps,
+                                  cfg.train.micro_batch_size, ctx.dp)
+    cache_dir = cfg.data.cache_dir or os.path.join(cfg.train.run_dir, "index-cache")
+    train_data, valid_data, _ = build_datasets(cfg.data, num_samples, cache_dir, tokenizer)
+    return train_data, valid_data
+
+
+def micro_batches(cfg: RunConfig, ctx, dataset, consumed_samples: int) -> Iterator[dict]:
+    """This DP rank's micro-batches from the global sample `consumed_samples` on."""
+    from gridtrain.data.loader import batches
+
+    return batches(dataset, consumed_samples, cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp, cfg.data)
+
+
+def train(t: Trainer) -> bool:
+    """The loop: one optimizer step per iteration, with logging, evaluation, checkpoints and stop
+    requests between steps; ends with a final evaluation and a summary line. Returns False if it
+    stopped early on a stop request (after saving), True when all steps are done."""
+    cfg = t.cfg
+    data = micro_batches(cfg, t.ctx, t.train_data, t.state.consumed_samples)
+    records, started = [], time.perf_counter()
+    # A run that checkpoints at all also keeps its final weights, whatever the interval.
+    saves_on = cfg.checkpoint.interval_steps > 0 or cfg.checkpoint.interval_minutes > 0
+    while t.state.step < cfg.train.steps:
+        record = train_step(t, data)
+        if record is not None:
+            records.append(record)
+        step = t.state.step
+        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.steps:
+            evaluate(t)
+        stopping = t.stop.should_stop()
+        t.checkpointer.maybe_save(t.engine, t.state, force=stopping or (step == cfg.train.steps and saves_on))
+        if stopping:
+            t.writer.note(f"stop requested: saved step {step} and stopping")
+            return False
+    val_loss = evaluate(t)
+    t.writer.note(summary_line(t, records, val_loss, time.perf_counter() - started))
+    return True
+
+
+def train_step(t: Trainer, data: Iterator[dict]) -> Optional[dict]:
+    """One optimizer step over the global batch (grad_accum_steps micro-batches of this rank);
+    returns its metrics record on logging steps (collective: every rank computes it), else None."""
+    cfg = t.cfg
+    step = t.state.step + 1
+    lr = lr_at(step, cfg.optim, cfg.train.steps)
+    t.engine.set_lr(lr)
+    start = time.perf_counter()
+    result = t.engine.train_step(data)
+    elapsed = time.perf_counter() - start
+    consumed = t.state.consumed_samples + cfg.train.global_batch_size
+    tokens = cfg.train.global_batch_size * cfg.data.seq_length
+    t.state = dataclasses.replace(t.state, step=step, consumed_samples=consumed, lr=lr,
+                                  consumed_tokens=t.state.consumed_tokens + tokens)
+    if step % cfg.logging.log_interval and step != cfg.train.steps:
+        return None
+    record = step_record(step, result.loss, result.grad_norm, lr, elapsed, tokens, t.flops_per_token,
+                         t.peak_flops_total, gather_memory(t.ctx.device), consumed)
+    t.writer.write(record)
+    return record
+
+
+def evaluate(t: Trainer) -> Optional[float]:
+    """Validation loss over the fixed validation micro-batches, logged with its perplexity."""
+    steps = t.cfg.train.eval_steps
+    if t.valid_data is None or steps == 0:
+        return None
+    loss = t.engine.eval_loss(micro_batches(t.cfg, t.ctx, t.valid_data, 0), steps)
+    t.writer.write(eval_record(t.state.step, loss))
+    return loss
+
+
+def summary_line(t: Trainer, records: list[dict], val_loss: Optional[float], seconds: float) -> str:
+    """One line for the end of the run. Means skip the first logged step, which pays one-off
+    warm-up costs, whenever there is more than one."""
+    if not records:
+        return f"done: step {t.state.step}, nothing trained in this run"
+    steady = records[1:] or records
+    mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
+    text = (f"done: {t.state.step} steps ({len(records)} logged) in {seconds:.1f} s | "
+            f"loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}")
+    if val_loss is not None:
+        text += f" | val loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f})"
+    return text + (f" | {mean('tokens_per_s'):,.0f} tok/s | MFU {mean('mfu') * 100:.2f}% | "
+                   f"mem {max(r['mem_max_mb'] for r in records):,.0f} MB max/rank")
