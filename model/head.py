@@ -1,8 +1,7 @@
 """Output layer: logits over the vocab, split across TP ranks, Megatron's padding hidden."""
 import torch
-import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import ColumnParallelLinear, copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.utils import get_pg_rank
 from torch import nn
 
@@ -41,10 +40,8 @@ class LMHead(nn.Module):
 
 
 def tied_head_forward(embedding: Embedding, inputs: Activations) -> torch.Tensor:
-    """Tied head (gpt2): logits = hidden @ word_embeddingᵀ on this rank's vocab slice.
-    The hidden state is replicated over TP; copy_to_... all-reduces its gradient in backward,
-    as ColumnParallelLinear does. Used as DeepSpeed TiedLayerSpec's forward_fn(module, inputs)."""
+    """Tied head (gpt2): logits = hidden @ word_embeddingᵀ on this rank's vocab slice,
+    (B, T, padded_vocab / tp). DeepSpeed TiedLayerSpec's forward_fn(module, inputs)."""
     word = embedding.word
-    hidden = copy_to_tensor_model_parallel_region(inputs[0], group=word.tp_group)
-    logits = F.linear(hidden, word.weight)  # (B, T, padded_vocab / tp)
+    logits = word(inputs[0], as_logits=True)
     return mask_padded_logits(logits, word.vocab_start_index, embedding.vocab_size)

@@ -56,7 +56,11 @@ def test_tied_head_factory_maps_onto_tied_layer_spec():
     assert gpt2[0].tied_weight_attr == "word.weight"
     embedding = gpt2[0].build()
     hidden = (torch.randn(2, 16, 64), *inputs()[1:])
+    calls = []
+    embedding.word.register_forward_pre_hook(lambda *_: calls.append(1))
     logits = gpt2[-1].forward_fn(embedding, hidden)
+    # The tied weight is used inside a call of its owning module (where ZeRO-3 gathers it).
+    assert len(calls) == 1
     torch.testing.assert_close(logits[..., :300], hidden[0] @ embedding.word.weight[:300].T)
     llama = build_layer_factories(CFG["llama"], tp_size=1, seed=1)
     assert all(f.tie_key is None for f in llama)
