@@ -107,7 +107,8 @@ def train_command(args) -> int:
 
     cfg = _load(args, _resume_overrides(args))
     nproc, world = _layout_world(cfg, args)
-    device = _device(args.device, import_torch=not args.dry_run)
+    # Probe without torch: a bad config must fail in a second, before any heavy import.
+    device = _device(args.device, import_torch=False)
     validate(cfg, world, device)
     if args.dry_run:
         from gridtrain.launcher.dryrun import report

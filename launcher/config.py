@@ -115,6 +115,15 @@ def _did_you_mean(word: str, choices) -> str:
     return f"; known: {', '.join(choices)}"
 
 
+def _suggest_key(section: str, key: str, hints: dict) -> str:
+    """A close name in the same section, else the same name in another section, else the list."""
+    if difflib.get_close_matches(key, list(hints), n=1, cutoff=0.6):
+        return _did_you_mean(key, hints)
+    elsewhere = [f"{other}.{key}" for other, cls in SECTIONS.items()
+                 if other != section and key in {f.name for f in dataclasses.fields(cls)}]
+    return f"; did you mean {elsewhere[0]!r}?" if elsewhere else _did_you_mean(key, hints)
+
+
 def _build(merged: dict, problems: list[Problem]) -> RunConfig:
     sections = {}
     for section, cls in SECTIONS.items():
@@ -123,7 +132,7 @@ def _build(merged: dict, problems: list[Problem]) -> RunConfig:
         for key, value in merged.get(section, {}).items():
             field = f"{section}.{key}"
             if key not in hints:
-                problems.append((field, value, f"unknown key{_did_you_mean(str(key), hints)}"))
+                problems.append((field, value, f"unknown key{_suggest_key(section, str(key), hints)}"))
                 continue
             ok, converted, expected = _coerce(value, hints[key])
             if ok:
@@ -150,7 +159,7 @@ def _coerce(value, hint) -> tuple[bool, object, str]:
     if origin is typing.Literal:
         return value in args, value, "one of " + ", ".join(str(a) for a in args)
     if hint is bool:
-        return isinstance(value, bool), value, "true or false"
+        return isinstance(value, bool), value, "a boolean (true/false)"
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if hint is float:

@@ -19,6 +19,7 @@ _BOUNDS = {
                  "rank holds an equal slice; Megatron's default is 128)"),
     "parallel.tensor_parallel": (1, True, ""), "parallel.pipeline_parallel": (1, True, ""),
     "parallel.data_parallel": (1, True, "or null to fill the world size"),
+    "parallel.timeout_minutes": (0, False, "(collectives give up after it instead of hanging)"),
     "data.seq_length": (1, True, ""), "data.num_workers": (0, True, ""),
     "optim.lr": (0, False, ""), "optim.min_lr": (0, True, ""), "optim.weight_decay": (0, True, ""),
     "optim.beta1": (0, True, ""), "optim.beta2": (0, True, ""), "optim.eps": (0, False, ""),
@@ -127,7 +128,7 @@ def _model_shape(cfg: RunConfig, bad: set) -> list[Problem]:
     if heads % tp:
         problems.append(("model.num_attention_heads", heads, f"must be a multiple of parallel.tensor_parallel ({tp}): "
                          f"each TP rank holds whole heads; use a tensor_parallel among {_divisors(heads)}"))
-    if kv % tp:
+    if kv % tp and kv != heads:  # with multi-head attention the heads message already says it
         problems.append(("model.num_kv_heads", kv, f"must be a multiple of parallel.tensor_parallel ({tp}): each TP "
                          f"rank holds whole KV heads; use a tensor_parallel among {_divisors(kv)} or more KV heads"))
     if m.ffn_size % tp:

@@ -1,0 +1,94 @@
+"""The `gridtrain` command as a user meets it (subprocesses): bad config -> one line, exit 2, no
+traceback; --dry-run numbers against values worked by hand; `gridtrain env`."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+GRIDTRAIN = [sys.executable, "-m", "gridtrain.launcher.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+SMALL = """
+model: {family: llama, vocab_size: 1000, hidden_size: 64, num_layers: 4, num_attention_heads: 8,
+        num_kv_heads: 4, ffn_hidden_size: 256, max_seq_len: 128}
+parallel: {tensor_parallel: 2, pipeline_parallel: 2, zero_stage: 1}
+data: {blend: [[1.0, d/x_text_document]], tokenizer: t.model, seq_length: 128}
+train: {global_batch_size: 32, micro_batch_size: 2, steps: 10}
+"""
+
+
+def gridtrain(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*GRIDTRAIN, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=120, cwd=cwd)
+
+
+def test_bad_config_prints_one_line_and_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {hidden_size: 100, num_attention_heads: 12, num_kv_heads: null}\n"
+                   "parallel: {tensor_parallel: 5}\ndata: {blend: [[1, d]], tokenizer: t.model}\n")
+    proc = gridtrain("train", bad, "--nproc-per-node", 5)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("gridtrain: error: 3 config problems: model.hidden_size=100: must be a multiple of "
+                               "model.num_attention_heads (12)")
+    assert "model.num_attention_heads=12: must be a multiple of parallel.tensor_parallel (5)" in lines[0]
+    missing = gridtrain("train", tmp_path / "nope.yaml", "--dry-run")
+    assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1 and "nope.yaml" in missing.stderr
+
+
+def test_dry_run_numbers_match_hand_computed(tmp_path):
+    (tmp_path / "small.yaml").write_text(SMALL)
+    proc = gridtrain("train", "small.yaml", "--dry-run", "--nnodes", 2, "--nproc-per-node", 4, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = yaml.safe_load(proc.stdout)
+    assert out["model"]["hidden_size"] == 64 and out["parallel"]["zero_stage"] == 1  # the resolved config
+    d = out["derived"]
+    # world 8 = TP 2 x PP 2 x DP 2; 32 samples / (2 per micro-batch x 2 DP ranks) = 8 micro-batches
+    assert (d["world_size"], d["layout"], d["micro_batches_per_step"]) == (8, "TP=2 x PP=2 x DP=2", 8)
+    assert d["pipeline_bubble_fraction"] == round(1 / 9, 6)  # (p-1)/(m+p-1) = 1/9
+    assert (d["global_batch_samples"], d["global_batch_tokens"], d["training_tokens"]) == (32, 4096, 40960)
+    # vocab 1000 padded to 1024 (128 x TP 2); block = attention 4096+2*2048+4096 + SwiGLU 3*64*256 + 2 norms of 64
+    assert d["padded_vocab_size"] == 1024
+    assert d["parameters"] == 1024 * 64 * 2 + 4 * (12288 + 49152 + 128) + 64
+    # 6 x (layers + unpadded head) + 12 L h s
+    assert d["training_flops_per_token"] == 6 * (4 * 61568 + 1000 * 64) + 12 * 4 * 64 * 128
+    # per TP rank: embedding 512*64, block 6144 + 24576 + 128; stages [emb, 2 blocks] | [2 blocks, norm, head]
+    assert d["parameters_per_rank_by_stage"] == [32768 + 2 * 30848, 2 * 30848 + 64 + 32768]
+    psi = 2 * 30848 + 64 + 32768
+    memory = d["memory_per_rank_bytes"]
+    assert (memory["zero_stage"], memory["dtype"]) == (1, "fp32")
+    assert (memory["weights"], memory["gradients"], memory["optimizer"]) == (4 * psi, 4 * psi, 12 * psi // 2)
+
+
+def test_dry_run_with_overrides_and_zero_3(tmp_path):
+    (tmp_path / "small.yaml").write_text(SMALL)
+    proc = gridtrain("train", "small.yaml", "--parallel.pipeline_parallel=1", "--parallel.zero_stage=3",
+                     "--dry-run", "--nproc-per-node", 4, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    d = yaml.safe_load(proc.stdout)["derived"]
+    psi = d["parameters_per_rank_by_stage"][0]
+    assert psi == 2 * 32768 + 4 * 30848 + 64
+    assert d["pipeline_bubble_fraction"] == 0.0 and d["micro_batches_per_step"] == 8
+    memory = d["memory_per_rank_bytes"]
+    assert (memory["weights"], memory["gradients"], memory["optimizer"]) == (2 * psi, 2 * psi, 6 * psi)
+
+
+def test_unknown_flag_for_a_command_without_overrides_is_rejected():
+    proc = gridtrain("env", "--model.hidden_size=3")
+    assert proc.returncode == 2 and "unrecognized arguments: --model.hidden_size=3" in proc.stderr
+
+
+def test_env_reports_versions_and_devices():
+    proc = gridtrain("env")
+    assert proc.returncode == 0, proc.stderr
+    rows = dict(line.split(None, 1) if " " in line else (line, "") for line in proc.stdout.splitlines())
+    text = proc.stdout
+    for name in ("python", "torch", "deepspeed", "megatron-core", "sentencepiece", "mpi4py", "apex", "backend", "devices"):
+        assert f"\n{name} " in "\n" + text, name
+    import torch
+    assert torch.__version__ in text
+    assert "norm implementation" in text
+    assert rows["backend"].strip() == ("nccl" if torch.cuda.is_available() else "gloo")

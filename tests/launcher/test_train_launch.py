@@ -1,0 +1,131 @@
+"""`gridtrain train` end to end with the real trainer: two launcher processes on loopback acting as
+two nodes rendezvous and finish 0; SIGKILL of one rank's worker makes every process exit non-zero
+within 60 s with a message naming the failed rank (no hang)."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from multirank import free_port
+
+psutil = pytest.importorskip("psutil")
+
+GRIDTRAIN = [sys.executable, "-m", "gridtrain.launcher.cli"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+WORDS = "the quick brown fox jumps over the lazy dog while seven cats sleep on a warm red roof".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """A 100-piece SentencePiece tokenizer and one Megatron shard of 200 short documents."""
+    import numpy as np
+    import sentencepiece as spm
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from gridtrain.data.tokenizer import SentencePieceTokenizer
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(200)]
+    (root / "corpus.txt").write_text("\n".join(docs) + "\n")
+    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "tok"), vocab_size=100,
+                                   model_type="bpe", hard_vocab_limit=False, minloglevel=2)
+    tokenizer = SentencePieceTokenizer(str(root / "tok.model"))
+    builder = IndexedDatasetBuilder(str(root / "shard.bin"), dtype=np.int32)
+    for doc in docs:
+        ids = tokenizer.tokenize(doc) + [tokenizer.eod]
+        builder.add_document(torch.tensor(ids), [len(ids)])
+    builder.finalize(str(root / "shard.idx"))
+    return {"tokenizer": str(root / "tok.model"), "prefix": str(root / "shard")}
+
+
+def write_config(tmp_path: Path, corpus: dict, name: str, steps: int) -> tuple[Path, Path]:
+    run_dir = tmp_path / name
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(f"""
+model: {{family: llama, vocab_size: 128, hidden_size: 64, num_layers: 2, num_attention_heads: 4,
+        num_kv_heads: 2, ffn_hidden_size: 128, max_seq_len: 64}}
+parallel: {{zero_stage: 1}}
+data: {{blend: [[1.0, {corpus['prefix']}]], split: "90,10,0", seq_length: 64, tokenizer: {corpus['tokenizer']}}}
+optim: {{lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 2}}
+train: {{steps: {steps}, global_batch_size: 4, micro_batch_size: 2, run_dir: {run_dir}, eval_interval: 0}}
+checkpoint: {{interval_steps: 0}}
+logging: {{tensorboard: false}}
+""")
+    return config, run_dir
+
+
+def train_records(run_dir: Path) -> list:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if '"kind": "train"' in line]
+
+
+def test_two_nodes_on_loopback_train_and_finish(tmp_path, corpus):
+    config, run_dir = write_config(tmp_path, corpus, "two-nodes", steps=3)
+    port = free_port()
+    nodes = [subprocess.Popen([*GRIDTRAIN, "train", str(config), "--nnodes", "2", "--node-rank", str(rank),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    records = train_records(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["consumed_samples"] == 12 and len(records[-1]["mem_bytes_per_rank"]) == 2  # 2 ranks
+    assert "world 2 = TP 1 x PP 1 x DP 2" in outputs[0]  # rank 0 (node 0) logs the layout of both nodes
+    assert (run_dir / "resolved-config.yaml").exists()
+
+
+def start_nodes(config: Path, nnodes: int) -> list:
+    """`gridtrain train` processes: one with 2 ranks, or two "nodes" of 1 rank each on loopback."""
+    if nnodes == 1:
+        commands = [["--nproc-per-node", "2"]]
+    else:
+        port = str(free_port())
+        commands = [["--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+                     "--master-addr", "127.0.0.1", "--master-port", port] for rank in (0, 1)]
+    return [subprocess.Popen([*GRIDTRAIN, "train", str(config), *flags], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ENV) for flags in commands]
+
+
+def workers_by_rank(launchers: list) -> dict:
+    return {int(p.environ().get("RANK", -1)): p for launcher in launchers
+            for p in psutil.Process(launcher.pid).children(recursive=True) if "launch" in p.cmdline()}
+
+
+@pytest.mark.parametrize("nnodes", [1, 2], ids=["one-agent", "two-agents"])
+def test_killing_one_rank_stops_every_rank_and_names_it(tmp_path, corpus, nnodes):
+    """One agent stops its other rank itself; with two agents the survivor's collective fails (gloo
+    sees the dead peer) and its agent reports it: either way nothing hangs."""
+    config, run_dir = write_config(tmp_path, corpus, "kill", steps=100000)
+    launchers = start_nodes(config, nnodes)
+    try:
+        deadline = time.time() + 180
+        while not train_records(run_dir) and all(p.poll() is None for p in launchers) and time.time() < deadline:
+            time.sleep(0.5)
+        assert train_records(run_dir), "training never started: " + launchers[0].stderr.read()[-3000:]
+        workers = workers_by_rank(launchers)
+        assert sorted(workers) == [0, 1]
+        victim = workers[1]
+        killed_at = time.time()
+        victim.send_signal(signal.SIGKILL)
+        errors = [launcher.communicate(timeout=60)[1] for launcher in launchers]
+        elapsed = time.time() - killed_at
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+    assert all(launcher.returncode != 0 for launcher in launchers) and elapsed < 60
+    assert f"rank 1 (local rank {2 - nnodes}, pid {victim.pid}) failed: killed by SIGKILL" in errors[-1].splitlines()[-1]
+    if nnodes == 2:  # node 0 names its own rank, which failed on the dead peer
+        assert errors[0].splitlines()[-1].startswith("gridtrain: error: rank 0 (local rank 0, pid ")
+    gone, alive = psutil.wait_procs(list(workers.values()), timeout=5)
+    assert not alive, f"ranks still running: {alive}"
