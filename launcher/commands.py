@@ -134,8 +134,12 @@ def launch_command(args) -> int:
     from gridtrain.launcher.rank_env import discover
     from gridtrain.launcher.validate import validate
 
+    from gridtrain.launcher.spawn import set_rank_environment
+
     cfg = _load(args)
     ranks = discover()
+    # Under srun/mpirun nobody else sets the per-rank thread count or NCCL settings; before torch loads.
+    set_rank_environment(_device("auto", import_torch=False))
     validate(cfg, ranks.world_size, _device("auto", import_torch=True))
     from torch.distributed.elastic.multiprocessing.errors import record
 

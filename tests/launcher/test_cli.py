@@ -92,3 +92,13 @@ def test_env_reports_versions_and_devices():
     assert torch.__version__ in text
     assert "norm implementation" in text
     assert rows["backend"].strip() == ("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def test_resume_flags_set_train_resume(tmp_path):
+    (tmp_path / "small.yaml").write_text(SMALL)
+    base = ("train", "small.yaml", "--dry-run", "--nproc-per-node", 4)
+    assert yaml.safe_load(gridtrain(*base, "--no-resume", cwd=tmp_path).stdout)["train"]["resume"] == "none"
+    assert yaml.safe_load(gridtrain(*base, "--resume-from", "ck/step-5", cwd=tmp_path).stdout)["train"]["resume"] == "ck/step-5"
+    both = gridtrain(*base, "--no-resume", "--resume-from", "x", cwd=tmp_path)
+    assert both.returncode == 2 and both.stderr.strip() == (
+        "gridtrain: error: --resume-from and --no-resume contradict each other; give one")
