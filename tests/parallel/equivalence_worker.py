@@ -1,0 +1,104 @@
+"""Worker for test_equivalence.py: train the same tiny model on the same global batches under
+several layouts of this world, and save per-step losses, grad norms, an eval loss and the gathered
+full weights of each run (rank 0) to OUT_DIR/<family>-<layout>-w<world size>.pt.
+
+Usage (under tests/multirank.launch): equivalence_worker.py OUT_DIR LAYOUT [LAYOUT ...]
+LAYOUT is "tp<T>-pp<P>-z<Z>" (DP follows from the world size), or "perturbed" (the 1-rank run with
+one token of one training sample changed: the negative control).
+"""
+import dataclasses
+import gc
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from gridtrain.launcher.run_config import RunConfig
+from gridtrain.model.config import ModelConfig
+from gridtrain.parallel import groups
+from gridtrain.parallel.config import ParallelConfig
+from gridtrain.parallel.engine import build_engine
+from gridtrain.parallel.gather import full_state_dict
+from gridtrain.train.config import OptimConfig, TrainConfig
+
+STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, LR = 3, 8, 2, 16, 300, 2e-3
+FAMILIES = {
+    "gpt2": ModelConfig(family="gpt2", vocab_size=VOCAB, hidden_size=64, num_layers=2,
+                        num_attention_heads=4, max_seq_len=SEQ),
+    # GQA: 4 query heads share 2 KV heads; vocab 300 pads to 384 at TP=1 and 512 at TP=2.
+    "llama": ModelConfig(family="llama", vocab_size=VOCAB, hidden_size=64, num_layers=2,
+                         num_attention_heads=4, num_kv_heads=2, max_seq_len=SEQ),
+}
+
+
+def global_batch(step: int, perturbed: bool) -> dict:
+    """The step's global batch, identical for every layout: random tokens from a fixed seed and a
+    loss mask with some zeros (so masked means are exercised)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    seqs = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    if perturbed and step == 0:
+        seqs[3, 5] = (seqs[3, 5] + 1) % VOCAB
+    loss_mask = (torch.rand(GLOBAL_BATCH, SEQ, generator=gen) > 0.1).float()
+    return {
+        "tokens": seqs[:, :-1], "labels": seqs[:, 1:], "loss_mask": loss_mask,
+        "position_ids": torch.arange(SEQ).expand(GLOBAL_BATCH, SEQ).clone(),
+        "segment_ids": torch.zeros(GLOBAL_BATCH, SEQ, dtype=torch.long),
+    }
+
+
+def rank_micro_batches(batch: dict, dp_rank: int, dp: int):
+    """Megatron's split: each chunk of MICRO_BATCH * dp consecutive samples gives DP rank r the
+    samples [r * MICRO_BATCH, (r + 1) * MICRO_BATCH) of the chunk."""
+    chunk = MICRO_BATCH * dp
+    for start in range(0, GLOBAL_BATCH, chunk):
+        lo = start + dp_rank * MICRO_BATCH
+        yield {k: v[lo:lo + MICRO_BATCH] for k, v in batch.items()}
+
+
+def run_config(model: ModelConfig, tp: int, pp: int, zero: int) -> RunConfig:
+    return RunConfig(
+        model=model,
+        parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, zero_stage=zero),
+        optim=OptimConfig(lr=LR, weight_decay=0.1, grad_clip=0.5),
+        train=TrainConfig(steps=STEPS, global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH, seed=7),
+    )
+
+
+def run_layout(family: str, layout: str, out_dir: Path) -> None:
+    perturbed = layout == "perturbed"
+    tp, pp, zero = (1, 1, 0) if perturbed else map(int, re.fullmatch(r"tp(\d)-pp(\d)-z(\d)", layout).groups())
+    cfg = run_config(FAMILIES[family], tp, pp, zero)
+    ctx = groups.initialize(cfg.parallel)
+    engine = build_engine(cfg, ctx)
+    losses, norms = [], []
+    for step in range(STEPS):
+        engine.set_lr(LR)
+        result = engine.train_step(rank_micro_batches(global_batch(step, perturbed), ctx.dp_rank, ctx.dp))
+        losses.append(result.loss)
+        norms.append(result.grad_norm)
+    eval_loss = engine.eval_loss(rank_micro_batches(global_batch(STEPS, False), ctx.dp_rank, ctx.dp),
+                                 GLOBAL_BATCH // (MICRO_BATCH * ctx.dp))
+    weights = full_state_dict(engine, ctx)
+    # Every rank reports its loss: the contract says it is the same number everywhere.
+    all_losses = [None] * ctx.world_size
+    torch.distributed.all_gather_object(all_losses, losses)
+    if ctx.rank == 0:
+        record = {"losses": losses, "grad_norms": norms, "eval_loss": eval_loss, "weights": weights,
+                  "rank_losses": all_losses, "grad_accum_steps": engine.grad_accum_steps, "dp": ctx.dp, "lr": LR}
+        torch.save(record, out_dir / f"{family}-{layout}-w{ctx.world_size}.pt")
+    del engine
+    gc.collect()
+    groups.destroy(world=False)
+
+
+def main() -> None:
+    out_dir, layouts = Path(sys.argv[1]), sys.argv[2:]
+    for family in FAMILIES:
+        for layout in layouts:
+            run_layout(family, layout, out_dir)
+    groups.destroy()
+
+
+if __name__ == "__main__":
+    main()
