@@ -115,7 +115,10 @@ def train_command(args) -> int:
 
         print(report(cfg, world), end="")
         return 0
+    from gridtrain.launcher.preflight import check_inputs
     from gridtrain.launcher.spawn import NodeSpec, RankFailed, spawn
+
+    check_inputs(cfg)
 
     # Every rank reads this one file, so all ranks train the identical resolved config.
     path = write_config(cfg, Path(cfg.train.run_dir) / RESOLVED_CONFIG)

@@ -102,3 +102,25 @@ def test_resume_flags_set_train_resume(tmp_path):
     both = gridtrain(*base, "--no-resume", "--resume-from", "x", cwd=tmp_path)
     assert both.returncode == 2 and both.stderr.strip() == (
         "gridtrain: error: --resume-from and --no-resume contradict each other; give one")
+
+
+def test_missing_inputs_fail_before_spawning(tmp_path):
+    import sentencepiece as spm
+
+    (tmp_path / "text.txt").write_text("\n".join(f"line {i} of some words to learn pieces from" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "tok"),
+                                   vocab_size=60, model_type="bpe", hard_vocab_limit=False, minloglevel=2)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x_text_document.bin").write_bytes(b"")
+    (tmp_path / "small.yaml").write_text(SMALL.replace("t.model", str(tmp_path / "tok.model"))
+                                         .replace("vocab_size: 1000", "vocab_size: 50"))
+    proc = gridtrain("train", "small.yaml", "--nproc-per-node", 4, cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    pieces = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model")).GetPieceSize()
+    assert proc.stderr.strip() == (
+        f"gridtrain: error: 2 config problems: model.vocab_size=50: the tokenizer {tmp_path / 'tok.model'} has "
+        f"{pieces} pieces; set model.vocab_size to at least {pieces}; data.blend[0]='d/x_text_document': no "
+        "d/x_text_document.idx; run `gridtrain preprocess` or fix the prefix")
+    assert not (tmp_path / "runs").exists()  # nothing written, no rank started
+    gone = gridtrain("train", "small.yaml", "--nproc-per-node", 4, "--data.tokenizer=nope.model", cwd=tmp_path)
+    assert "data.tokenizer='nope.model': no such file" in gone.stderr
