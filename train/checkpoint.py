@@ -5,6 +5,7 @@ step saves every `checkpoint.interval_steps` steps and/or `checkpoint.interval_m
 when forced (a stop request). Both are collective: every rank calls them at the same point."""
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -15,6 +16,7 @@ import torch
 from gridtrain.launcher.run_config import RunConfig
 from gridtrain.train.checkpoint_collectives import all_gather_object, any_rank, barrier, broadcast_object, rank_and_world
 from gridtrain.train.checkpoint_manifest import MANIFEST_NAME, STATE_NAME, read_manifest, verify_checkpoint
+from gridtrain.train.checkpoint_reshard import UNIVERSAL_KEY, convert, load_universal, universal_info, universal_workdir
 from gridtrain.train.checkpoint_rng import restore_rng_state
 from gridtrain.train.checkpoint_save import DS_TAG, SaveContext, SaveResult, note, rng_file, save_checkpoint
 from gridtrain.train.checkpoint_store import (
@@ -66,6 +68,7 @@ class Checkpointer:
         self.last_saved_step: int | None = None
         self.last_result: SaveResult | None = None
         self._last_save_time = time.monotonic()
+        self._universal_info: dict | None = None
 
     # ---- saving -------------------------------------------------------------------------------
 
@@ -86,7 +89,10 @@ class Checkpointer:
         return False
 
     def save(self, engine, state: TrainState) -> SaveResult:
-        result = save_checkpoint(_ds(engine), state, self.save_context)
+        if self._universal_info is None:  # collective, once: how each parameter splits over TP
+            model = self.cfg.model
+            self._universal_info = universal_info(_ds(engine), model.vocab_size, model.num_layers)
+        result = save_checkpoint(_ds(engine), state, self.save_context, {UNIVERSAL_KEY: self._universal_info})
         self.last_saved_step = state.step
         self.last_result = result
         self._last_save_time = time.monotonic()
@@ -153,32 +159,57 @@ class Checkpointer:
 
     def _load(self, engine, path: Path) -> TrainState:
         manifest = read_manifest(path)
-        self._check_layout(path, manifest["layout"])
         record = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-        load_path, _ = _ds(engine).load_checkpoint(str(path), tag=record.get("ds_tag", DS_TAG))
-        if load_path is None:
-            raise CheckpointError(f"{path}: DeepSpeed found no model states under {path / DS_TAG}")
-        rank = rank_and_world()[0]
-        rng = path / rng_file(rank)
-        if rng.exists():
-            skipped = restore_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
-            if skipped:
-                note(f"warning: RNG states not restorable here: {', '.join(skipped)}")
+        tag = record.get("ds_tag", DS_TAG)
+        if self._same_layout(path, manifest["layout"]):
+            load_path, _ = _ds(engine).load_checkpoint(str(path), tag=tag)
+            if load_path is None:
+                raise CheckpointError(f"{path}: DeepSpeed found no model states under {path / tag}")
+            self._restore_rng(path)
+        else:
+            self._load_resharded(engine, path, tag)
         state = TrainState.from_dict(record["train_state"])
         self.last_saved_step = state.step
         note(f"resumed from {path} (step {state.step}, {state.consumed_samples} samples consumed)")
         return state
 
-    def _check_layout(self, path: Path, saved: dict) -> None:
-        """Same TP and PP are required (shards are per TP/PP rank); DP may change only without
-        ZeRO, where every DP rank holds the full optimizer state."""
+    def _restore_rng(self, path: Path) -> None:
+        rng = path / rng_file(rank_and_world()[0])
+        if rng.exists():
+            skipped = restore_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+            if skipped:
+                note(f"warning: RNG states not restorable here: {', '.join(skipped)}")
+
+    def _load_resharded(self, engine, path: Path, tag: str) -> None:
+        """Another layout: convert to DeepSpeed's universal form (fp32 weights + Adam moments per
+        parameter) and load this rank's new shard from it. RNG streams are per rank and cannot be
+        mapped onto another layout: they keep this run's seeding."""
+        work = universal_workdir(self.dir, path)
+        convert(path, work, tag)
+        try:
+            load_universal(_ds(engine), work, tag)
+        finally:
+            barrier()
+            if rank_and_world()[0] == 0:
+                shutil.rmtree(work, ignore_errors=True)
+        note(f"resharded {path} from its layout to {self._show(self.save_context.layout)} "
+             "(RNG streams restart from the seed)")
+
+    @staticmethod
+    def _show(lay: dict) -> str:
+        return f"TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}, ZeRO {lay['zero_stage']}"
+
+    def _same_layout(self, path: Path, saved: dict) -> bool:
+        """True if the shards load natively: same TP and PP, and the same DP unless there is no
+        ZeRO (then every DP rank holds the full optimizer state). Otherwise resharding is needed,
+        which needs ZeRO optimizer files in the checkpoint."""
         now = self.save_context.layout
         same_model_split = saved["tp"] == now["tp"] and saved["pp"] == now["pp"]
-        dp_ok = saved["dp"] == now["dp"] or (saved["zero_stage"] == 0 and now["zero_stage"] == 0)
-        if same_model_split and dp_ok:
-            return
-        show = lambda lay: f"TP {lay['tp']} x PP {lay['pp']} x DP {lay['dp']}, ZeRO {lay['zero_stage']}"  # noqa: E731
-        raise CheckpointError(
-            f"{path} was saved with {show(saved)} but this run uses {show(now)}; run with the saved "
-            "layout (parallel.tensor_parallel / pipeline_parallel / data_parallel / zero_stage) or "
-            "convert it with `gridtrain checkpoint reshard`")
+        if same_model_split and (saved["dp"] == now["dp"] or (saved["zero_stage"] == 0 and now["zero_stage"] == 0)):
+            return True
+        if saved["zero_stage"] == 0:
+            raise CheckpointError(
+                f"{path} was saved with {self._show(saved)} and this run uses {self._show(now)}; "
+                "resharding reads ZeRO optimizer files, which a ZeRO-0 checkpoint lacks: resume with "
+                "the saved layout (or save with parallel.zero_stage >= 1 to change layouts later)")
+        return False

@@ -107,7 +107,7 @@ def _describe_write_error(path, exc: BaseException) -> str:
     return text + (f" (disk full: {free:,} bytes free)" if full else f" ({free:,} bytes free)")
 
 
-def _deepspeed_save(ds_engine, tmp: Path) -> tuple[list[str], str | None]:
+def _deepspeed_save(ds_engine, tmp: Path, client_state: dict) -> tuple[list[str], str | None]:
     """DeepSpeed's own save into <tmp>/ds on this rank; returns (files written, error or None)."""
     writer = _RecordingWriter(ds_engine.checkpoint_engine)
     original_copy = ds_engine._copy_recovery_script
@@ -122,7 +122,7 @@ def _deepspeed_save(ds_engine, tmp: Path) -> tuple[list[str], str | None]:
     ds_engine.checkpoint_engine = writer
     ds_engine._copy_recovery_script = guarded_copy
     try:
-        ds_engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False)
+        ds_engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=client_state, save_latest=False)
     finally:
         ds_engine.checkpoint_engine = writer._inner
         del ds_engine._copy_recovery_script
@@ -152,9 +152,9 @@ class _WriteFailed(Exception):
     pass
 
 
-def _write_rank_shard(ds_engine, tmp: Path, state: TrainState, ctx: SaveContext, rank: int):
+def _write_rank_shard(ds_engine, tmp: Path, state: TrainState, ctx: SaveContext, rank: int, client_state: dict):
     """(manifest entries of this rank's files, error or None). Never raises for I/O errors."""
-    paths, error = _deepspeed_save(ds_engine, tmp)
+    paths, error = _deepspeed_save(ds_engine, tmp, client_state)
     if error is not None:
         return {}, error
     try:
@@ -192,14 +192,15 @@ def _finish_on_rank0(tmp: Path, state: TrainState, ctx: SaveContext, entries: di
     return final, manifest["total_bytes"]
 
 
-def save_checkpoint(ds_engine, state: TrainState, ctx: SaveContext) -> SaveResult:
+def save_checkpoint(ds_engine, state: TrainState, ctx: SaveContext, client_state: dict | None = None) -> SaveResult:
     """Collective: every rank calls it at the same step. Raises CheckpointError on every rank if
-    any rank failed; then nothing was published and the previous checkpoint is intact."""
+    any rank failed; then nothing was published and the previous checkpoint is intact.
+    `client_state` goes into DeepSpeed's model-states files (the universal checkpoint info)."""
     start = time.perf_counter()
     rank, _ = rank_and_world()
     tmp = temp_path(ctx.ckpt_dir, state.step)
     _prepare_temp(tmp, rank)
-    entries, error = _write_rank_shard(ds_engine, tmp, state, ctx, rank)
+    entries, error = _write_rank_shard(ds_engine, tmp, state, ctx, rank, client_state or {})
     gathered = all_gather_object((error, entries))
     failures = [f"rank {r}: {err}" for r, (err, _) in enumerate(gathered) if err is not None]
     outcome = None

@@ -46,7 +46,8 @@ def corpus(tmp_path_factory) -> dict:
     return {"tokenizer": str(root / "tok.model"), "prefix": str(root / "shard")}
 
 
-def write_config(tmp_path: Path, corpus: dict, name: str, tp: int, pp: int, zero: int) -> tuple[Path, Path]:
+def write_config(tmp_path: Path, corpus: dict, name: str, tp: int, pp: int, zero: int,
+                 steps: int = STEPS, interval: int = 2, resume: str = "auto") -> tuple[Path, Path]:
     run_dir = tmp_path / name
     sections = {
         "model": {"family": "llama", "vocab_size": 96, "hidden_size": 64, "num_layers": 2,
@@ -55,9 +56,9 @@ def write_config(tmp_path: Path, corpus: dict, name: str, tp: int, pp: int, zero
         "data": {"blend": [[1.0, corpus["prefix"]]], "split": "90,10,0", "seq_length": 32,
                  "tokenizer": corpus["tokenizer"]},
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "weight_decay": 0.01},
-        "train": {"steps": STEPS, "global_batch_size": GLOBAL_BATCH, "micro_batch_size": 2,
-                  "run_dir": str(run_dir), "eval_interval": 0, "eval_steps": 1},
-        "checkpoint": {"interval_steps": 2, "keep_last": 2},
+        "train": {"steps": steps, "global_batch_size": GLOBAL_BATCH, "micro_batch_size": 2,
+                  "run_dir": str(run_dir), "eval_interval": 0, "eval_steps": 1, "resume": resume},
+        "checkpoint": {"interval_steps": interval, "keep_last": 2},
         "logging": {"tensorboard": False},
     }
     path = tmp_path / f"{name}.json"
@@ -187,3 +188,31 @@ def test_dp2_zero2_signal_on_one_rank_then_sigkill_then_finish(tmp_path, corpus)
     launch(WORKER, 2, [cfg], timeout=300)
     assert resumed_steps(run_dir)[:2] == [0, stopped_at]
     check_same_as_reference(ref_dir, run_dir)
+
+
+def test_reshard_dp2_to_tp2_and_to_pp2_continues_the_losses(tmp_path, corpus):
+    """A DP=2 ZeRO-1 checkpoint resumed at TP=2 and at PP=2 (so DP=1): no offline step, the data
+    position carries over, and the next losses match continuing under the old layout within fp32
+    tolerance (reductions run in another order), while consecutive losses differ far more."""
+    ref_cfg, ref_dir = write_config(tmp_path, corpus, "ref", tp=1, pp=1, zero=1, steps=6, interval=3)
+    launch(WORKER, 2, [ref_cfg], timeout=300)
+    ref = effective(train_records(ref_dir))
+    source = ref_dir / "checkpoints" / "step_00000003"
+    for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2)):
+        cfg, run_dir = write_config(tmp_path, corpus, name, tp=tp, pp=pp, zero=1, steps=6, interval=3,
+                                    resume=str(source))
+        proc = launch(WORKER, 2, [cfg], timeout=300)
+        assert "resharded" in proc.stderr, proc.stderr[-3000:]
+        got = effective(train_records(run_dir))
+        assert sorted(got) == [4, 5, 6]
+        worst = max(abs(got[s]["loss"] - ref[s]["loss"]) / abs(ref[s]["loss"]) for s in (4, 5, 6))
+        print(f"reshard DP2 -> {name}: worst relative loss difference {worst:.2e}")
+        for step in (4, 5, 6):
+            assert got[step]["consumed_samples"] == ref[step]["consumed_samples"]
+            assert abs(got[step]["loss"] - ref[step]["loss"]) <= 1e-4 * abs(ref[step]["loss"]), (name, step)
+            # Negative control: the tolerance is far tighter than one step's change of the loss.
+            assert abs(ref[step]["loss"] - ref[step - 1]["loss"]) > 1e-2 * abs(ref[step]["loss"])
+        streams, ref_streams = sample_streams(run_dir), sample_streams(ref_dir)
+        for step_index in range(3):
+            union = {i for s in streams.values() for i in s[step_index]}
+            assert union == {i for s in ref_streams.values() for i in s[3 + step_index]}
