@@ -2,6 +2,7 @@
 top to bottom: set up (seed, process groups, data, engine, resume) -> train() -> train_step() /
 evaluate() each step -> summary -> tear down."""
 import dataclasses
+import math
 import os
 import random
 import time
@@ -18,6 +19,10 @@ from gridtrain.train.metrics import (
     MetricsWriter, build_metrics_writer, eval_record, gather_memory, perplexity, step_record, total_peak_flops,
 )
 from gridtrain.train.schedule import lr_at
+
+
+class TrainingDiverged(UserError):
+    """The loss is NaN or infinite: continuing would only burn compute."""
 
 
 @dataclass
@@ -156,6 +161,12 @@ def train_step(t: Trainer, data: Iterator[dict]) -> Optional[dict]:
     start = time.perf_counter()
     result = t.engine.train_step(data)
     elapsed = time.perf_counter() - start
+    if not math.isfinite(result.loss):
+        # The loss is the global-batch mean, identical on every rank, so all ranks stop here together.
+        raise TrainingDiverged(
+            f"train: the loss became {result.loss} at step {step} (lr {lr:.3g}, grad norm {result.grad_norm:.3g}); "
+            "lower optim.lr, lengthen optim.warmup_steps or tighten optim.grad_clip, then resume from the last checkpoint"
+        )
     consumed = t.state.consumed_samples + cfg.train.global_batch_size
     tokens = cfg.train.global_batch_size * cfg.data.seq_length
     t.state = dataclasses.replace(t.state, step=step, consumed_samples=consumed, lr=lr,

@@ -91,3 +91,17 @@ def test_lr_zero_does_not_learn(tmp_path, corpus):
     train, _, _ = run_training(tmp_path, corpus, lr=0.0, steps=12, nproc=1)
     first, last = train[0]["loss"], train[-1]["loss"]
     assert last > 0.9 * first, (first, last)
+
+
+def test_non_finite_loss_stops_all_ranks_with_a_clear_error(tmp_path, corpus):
+    # lr=inf turns weights into inf/nan at the first update, so step 2's loss is nan on both ranks;
+    # both must raise the same error at the same step (a rank left waiting would hang the launch).
+    cfg = sections(corpus, tmp_path / "run", lr=float("inf"), steps=4)
+    cfg["optim"]["warmup_steps"] = 0
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg))
+    with pytest.raises(AssertionError) as failed:
+        launch(WORKER, 2, [config], timeout=120)
+    text = str(failed.value)
+    assert text.count("TrainingDiverged: train: the loss became nan at step 2") == 2, text[-3000:]
+    assert "lower optim.lr" in text
