@@ -23,8 +23,8 @@ def grad_accum_steps(cfg: RunConfig, dp: int) -> int:
 
 def deepspeed_clips(cfg: RunConfig) -> bool:
     """Whether DeepSpeed's own gradient clipping is right for this run. Its fp32 ZeRO-0 path
-    (clip_fp32_gradients) counts only pipeline stage 0's replicated parameters in the norm and
-    never records the norm, so there gridtrain.parallel.grad_clip clips instead; ZeRO 1-3 and the
+    (clip_fp32_gradients) miscounts the norm under PP (see gridtrain.parallel.grad_clip) and never
+    records it, so there gridtrain.parallel.grad_clip clips instead; ZeRO 1-3 and the
     bf16/fp16 optimizers compute the global norm correctly and report it."""
     return cfg.parallel.zero_stage > 0 or cfg.train.dtype != "fp32"
 

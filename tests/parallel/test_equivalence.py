@@ -21,12 +21,14 @@ LAUNCHES = {
 PARALLEL_RUNS = [(layout, world) for world in (2, 4) for layout in LAUNCHES[world]]
 REFERENCE = ("tp1-pp1-z0", 1)
 # fp32, 3 AdamW steps with clipping: reductions over ranks reorder sums, so losses and grad norms
-# differ from the reference by a few ulps (measured <= 6e-7 relative). Weights: Adam divides by
+# differ from the reference by a few ulps (measured <= 6e-7 relative). 2e-6 still catches
+# DeepSpeed's own fp32 ZeRO-0 clipping under PP=2 (it double-counts gpt2's tied embedding in the
+# norm: step-3 loss off by 4.6e-6), which parallel/grad_clip.py replaces. Weights: Adam divides by
 # sqrt(v), so an element whose gradient is pure rounding noise (gpt2's key bias has an exactly
 # zero true gradient) moves by up to lr either way; hence the weights are compared by their global
 # relative difference (measured <= 3e-6) and by the largest element difference as a fraction of
 # the learning rate (measured <= 2% of lr). A one-token change of the data is >= 30x outside each.
-LOSS_RTOL = 1e-5
+LOSS_RTOL = 2e-6
 WEIGHT_RTOL = 1e-5
 WEIGHT_LR_FRACTION = 0.05  # one AdamW step moves an element by at most ~lr
 
