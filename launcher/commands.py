@@ -117,6 +117,7 @@ def train_command(args) -> int:
         return 0
     from gridtrain.launcher.preflight import check_inputs
     from gridtrain.launcher.spawn import NodeSpec, RankFailed, spawn
+    from gridtrain.train.preemption import PREEMPTED_EXIT_CODE
 
     check_inputs(cfg)
 
@@ -128,7 +129,8 @@ def train_command(args) -> int:
     try:
         spawn(node, str(path), device)
     except RankFailed as exc:
-        print(f"gridtrain: error: {exc}", file=sys.stderr)
+        preempted = exc.exit_code == PREEMPTED_EXIT_CODE  # a clean stop, not an error
+        print(f"gridtrain: {'' if preempted else 'error: '}{exc}", file=sys.stderr)
         return exc.exit_code
     return 0
 

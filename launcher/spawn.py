@@ -2,9 +2,19 @@
 runs `gridtrain launch` on the resolved config. A failed rank makes the agent stop the others and
 raise ChildFailedError, which we turn into one line naming the rank."""
 import os
+import signal
 from dataclasses import dataclass
 
 from gridtrain.launcher.errors import UserError
+from gridtrain.train.preemption import PREEMPTED_EXIT_CODE
+
+
+# The agent turns these into "stop every rank now" (it forwards them, then SIGKILLs after its
+# shutdown timeout). SIGTERM and SIGUSR1 are preemption warnings instead (Slurm sends them before
+# killing a job): stop_signal_forwarding() passes them on and keeps the agent running, so ranks
+# checkpoint, exit 75 together, and the launcher reports it.
+AGENT_SIGNALS = ("SIGINT", "SIGHUP", "SIGQUIT")
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 @dataclass(frozen=True)
@@ -38,7 +48,7 @@ def set_rank_environment(device: str) -> None:
 def torchrun_args(node: NodeSpec, config_path: str) -> list[str]:
     """torchrun arguments running `python -m gridtrain.launcher.cli launch CONFIG` on this node."""
     args = [f"--nnodes={node.nnodes}", f"--nproc-per-node={node.nproc_per_node}", "--max-restarts=0",
-            "--monitor-interval=0.5"]
+            "--monitor-interval=0.5", f"--signals-to-handle={','.join(AGENT_SIGNALS)}"]
     if node.master_addr is None and node.nnodes == 1:
         args.append("--standalone")  # c10d rendezvous on a free local port
     else:
@@ -53,18 +63,41 @@ def torchrun_args(node: NodeSpec, config_path: str) -> list[str]:
 def spawn(node: NodeSpec, config_path: str, device: str) -> None:
     """Run this node's ranks to completion; raise RankFailed naming the failed rank(s)."""
     set_rank_environment(device)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(torchrun_args(node, config_path))
+    previous = {signum: signal.signal(signum, _forward_to_ranks) for signum in PREEMPTION_SIGNALS}
     try:
         run(args)
     except ChildFailedError as exc:
         raise RankFailed(describe_failures(exc.failures), _exit_code(exc.failures)) from None
+    except SignalException as exc:
+        name = signal.Signals(exc.sigval).name
+        raise RankFailed(f"stopped by {name}: every rank of this node was stopped", 128 + int(exc.sigval)) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _forward_to_ranks(signum, frame) -> None:
+    """Pass a preemption signal to this node's ranks (the agent starts each in its own session, so
+    a signal to the launcher alone never reaches them)."""
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def describe_failures(failures: dict) -> str:
     """One line: every failed global rank with its exit code or signal, the first failure first."""
+    if {failure.exitcode for failure in failures.values()} == {PREEMPTED_EXIT_CODE}:
+        return (f"stopped on a preemption signal: the ranks wrote a checkpoint and exited {PREEMPTED_EXIT_CODE}; "
+                "run the same command to resume")
     ordered = sorted(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
     parts = []
     for rank, failure in ordered:
@@ -77,6 +110,7 @@ def describe_failures(failures: dict) -> str:
 
 
 def _exit_code(failures: dict) -> int:
-    """2 if every failed rank reported a user error (exit 2), else 1."""
+    """2 if every failed rank reported a user error, 75 if every one stopped cleanly for preemption
+    (checkpoint written: requeue), else 1."""
     codes = {failure.exitcode for failure in failures.values()}
-    return 2 if codes == {2} else 1
+    return codes.pop() if codes in ({2}, {PREEMPTED_EXIT_CODE}) else 1

@@ -129,3 +129,28 @@ def test_killing_one_rank_stops_every_rank_and_names_it(tmp_path, corpus, nnodes
         assert errors[0].splitlines()[-1].startswith("gridtrain: error: rank 0 (local rank 0, pid ")
     gone, alive = psutil.wait_procs(list(workers.values()), timeout=5)
     assert not alive, f"ranks still running: {alive}"
+
+
+def test_sigusr1_to_the_launcher_checkpoints_every_rank(tmp_path, corpus):
+    """Slurm's early warning reaches `gridtrain train`, not the ranks: the agent forwards it, all
+    ranks save at the same step and stop, and the launcher says so instead of orphaning them."""
+    config, run_dir = write_config(tmp_path, corpus, "usr1", steps=100000)
+    [launcher] = start_nodes(config, 1)
+    try:
+        deadline = time.time() + 180
+        while not train_records(run_dir) and launcher.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert train_records(run_dir), "training never started: " + launcher.stderr.read()[-3000:]
+        workers = workers_by_rank([launcher])
+        launcher.send_signal(signal.SIGUSR1)
+        _, stderr = launcher.communicate(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 75, stderr[-3000:]
+    assert stderr.splitlines()[-1] == ("gridtrain: stopped on a preemption signal: the ranks wrote a "
+                                       "checkpoint and exited 75; run the same command to resume")
+    steps = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert steps, f"no checkpoint written: {list((run_dir / 'checkpoints').iterdir())}"
+    gone, alive = psutil.wait_procs(list(workers.values()), timeout=5)
+    assert not alive
