@@ -49,9 +49,10 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def split_extra_args(args) -> tuple[list[str], list[str]]:
     """(config paths, overrides): argparse leaves --section.field=value (and any config path
-    given after one) in args.extra_args."""
-    configs, overrides = list(args.configs), []
-    for arg in getattr(args, "extra_args", []):
+    given after one) in args.extra_args, except overrides whose value has a space, which it takes
+    for positionals."""
+    configs, overrides = [], []
+    for arg in [*args.configs, *getattr(args, "extra_args", [])]:
         if arg.startswith("--"):
             overrides.append(arg)
         else:

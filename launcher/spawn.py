@@ -43,6 +43,9 @@ def set_rank_environment(device: str) -> None:
     else:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+    # Library deprecation notices repeated by every rank bury the training log; the user's own
+    # PYTHONWARNINGS wins.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
 
 
 def torchrun_args(node: NodeSpec, config_path: str) -> list[str]:

@@ -66,8 +66,9 @@ def test_dry_run_numbers_match_hand_computed(tmp_path):
 def test_dry_run_with_overrides_and_zero_3(tmp_path):
     (tmp_path / "small.yaml").write_text(SMALL)
     proc = gridtrain("train", "small.yaml", "--parallel.pipeline_parallel=1", "--parallel.zero_stage=3",
-                     "--dry-run", "--nproc-per-node", 4, cwd=tmp_path)
+                     "--dry-run", "--data.blend=[[0.5, a_doc], [0.5, b_doc]]", "--nproc-per-node", 4, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["data"]["blend"] == [[0.5, "a_doc"], [0.5, "b_doc"]]  # a value with spaces
     d = yaml.safe_load(proc.stdout)["derived"]
     psi = d["parameters_per_rank_by_stage"][0]
     assert psi == 2 * 32768 + 4 * 30848 + 64
