@@ -19,6 +19,15 @@ def register(subparsers) -> None:
     inspect.add_argument("--quick", action="store_true", help="check file sizes only, skip the sha256 pass")
     inspect.add_argument("--json", action="store_true", help="one JSON object per checkpoint instead of text")
     inspect.set_defaults(handler=inspect_command)
+    reshard = sub.add_parser("reshard", help="write a checkpoint for another TP x PP x DP layout")
+    reshard.add_argument("path", help="the source checkpoint (a step_XXXXXXXX folder)")
+    reshard.add_argument("--tp", type=int, required=True, help="tensor-parallel size of the new layout")
+    reshard.add_argument("--pp", type=int, required=True, help="pipeline-parallel size of the new layout")
+    reshard.add_argument("--dp", type=int, required=True, help="data-parallel size of the new layout")
+    reshard.add_argument("--zero", type=int, default=None,
+                         help="ZeRO stage of the new layout (default: the saved one, at most 1 with --pp > 1)")
+    reshard.add_argument("--out", required=True, help="checkpoint folder to write (resume with --resume-from OUT)")
+    reshard.set_defaults(handler=reshard_command)
 
 
 def _kind(rel: str) -> str:
@@ -93,3 +102,57 @@ def inspect_command(args) -> int:
             print(_text(info, latest == Path(info["path"]).name))
     sys.stdout.flush()
     return 0 if all(info["valid"] for info in infos) else 1
+
+
+def reshard_config(path: Path, args) -> dict:
+    """The saved run config with the new layout, resuming from `path` and saving into --out."""
+    if verify_checkpoint(path, checksums=False):
+        raise UserError(f"checkpoint reshard: {path} is not a valid checkpoint (see `gridtrain checkpoint inspect {path}`)")
+    config = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))["config"]
+    saved_zero = config["parallel"]["zero_stage"]
+    zero = args.zero if args.zero is not None else (min(saved_zero, 1) if args.pp > 1 else saved_zero)
+    problems = [(flag, value, "must be >= 1") for flag, value in (("--tp", args.tp), ("--pp", args.pp), ("--dp", args.dp)) if value < 1]
+    if args.pp > 1 and zero > 1:
+        problems.append(("--zero", zero, "DeepSpeed's pipeline engine allows ZeRO 0 or 1; pass --zero 1"))
+    if zero < 1 or saved_zero < 1:
+        problems.append(("--zero", zero, "resharding goes through ZeRO optimizer states: the source and the new layout need ZeRO >= 1"))
+    if problems:
+        from gridtrain.launcher.errors import ConfigError
+
+        raise ConfigError(problems)
+    config["parallel"].update(tensor_parallel=args.tp, pipeline_parallel=args.pp, data_parallel=args.dp, zero_stage=zero)
+    config["train"]["resume"] = str(path.resolve())
+    config["checkpoint"]["dir"] = str(Path(args.out).resolve())
+    config["checkpoint"]["interval_steps"] = 0
+    if (path / "tokenizer.model").exists():
+        config["data"]["tokenizer"] = str((path / "tokenizer.model").resolve())
+    return config
+
+
+def reshard_command(args) -> int:
+    """Spawn the new layout's ranks on this node (torch's elastic agent); each loads its shard of
+    the source through DeepSpeed's universal form and saves natively into --out."""
+    import os
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    path = Path(args.path)
+    if not (path / MANIFEST_NAME).exists():
+        raise UserError(f"checkpoint reshard: {str(path)!r} is not a checkpoint (no {MANIFEST_NAME}); pass a step_XXXXXXXX folder")
+    config = reshard_config(path, args)
+    world = args.tp * args.pp * args.dp
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump(config, fh, sort_keys=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           "--max-restarts=0", "-m", "gridtrain.train.checkpoint_reshard", fh.name]
+    try:
+        proc = subprocess.run(cmd, env={"OMP_NUM_THREADS": "1", **os.environ})
+    finally:
+        os.unlink(fh.name)
+    if proc.returncode != 0:
+        print(f"gridtrain: error: checkpoint reshard failed (exit {proc.returncode}); see the rank output above", file=sys.stderr)
+        return 1
+    print(f"resharded {path} to TP {args.tp} x PP {args.pp} x DP {args.dp} in {args.out}")
+    return 0

@@ -116,3 +116,32 @@ def load_universal(ds_engine, universal: Path, ds_tag: str) -> None:
         config.load_universal_checkpoint = False
     if load_path is None:
         raise CheckpointError(f"{universal}: DeepSpeed found no universal checkpoint under {ds_tag}")
+
+
+def reshard_rank(config_path: str) -> int:
+    """One rank of `gridtrain checkpoint reshard`: build the engine of the new layout, resume the
+    source checkpoint into it (converted through the universal form), save it natively."""
+    import torch.distributed as dist
+
+    from gridtrain.launcher.config import load_config
+    from gridtrain.parallel.engine import build_engine
+    from gridtrain.parallel.groups import initialize
+    from gridtrain.train.checkpoint import Checkpointer
+
+    cfg = load_config([config_path])
+    ctx = initialize(cfg.parallel)
+    try:
+        engine = build_engine(cfg, ctx)
+        checkpointer = Checkpointer(cfg, ctx)
+        state = checkpointer.resume(engine)
+        checkpointer.save(engine, state)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(reshard_rank(sys.argv[1]))
