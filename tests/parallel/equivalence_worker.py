@@ -80,16 +80,43 @@ def run_layout(family: str, layout: str, out_dir: Path) -> None:
     eval_loss = engine.eval_loss(rank_micro_batches(global_batch(STEPS, False), ctx.dp_rank, ctx.dp),
                                  GLOBAL_BATCH // (MICRO_BATCH * ctx.dp))
     weights = full_state_dict(engine, ctx)
+    layout_checks = check_layout(cfg, ctx, engine)
     # Every rank reports its loss: the contract says it is the same number everywhere.
     all_losses = [None] * ctx.world_size
     torch.distributed.all_gather_object(all_losses, losses)
     if ctx.rank == 0:
         record = {"losses": losses, "grad_norms": norms, "eval_loss": eval_loss, "weights": weights,
-                  "rank_losses": all_losses, "grad_accum_steps": engine.grad_accum_steps, "dp": ctx.dp, "lr": LR}
+                  "rank_losses": all_losses, "grad_accum_steps": engine.grad_accum_steps, "dp": ctx.dp, "lr": LR, **layout_checks}
         torch.save(record, out_dir / f"{family}-{layout}-w{ctx.world_size}.pt")
     del engine
     gc.collect()
     groups.destroy(world=False)
+
+
+def check_layout(cfg: RunConfig, ctx, engine) -> dict:
+    """Facts about the layout for the test: every rank's (TP, PP, DP) coordinates; the analytic
+    per-layer parameter counts the pipeline partitioning uses against the built layers; this
+    stage's layer range; and the error a megatron/DeepSpeed group mismatch raises."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from gridtrain.model.decoder import build_layer_factories
+    from gridtrain.parallel.memory_estimate import layer_parameters_per_tp_rank
+
+    coords = [None] * ctx.world_size
+    torch.distributed.all_gather_object(coords, (ctx.rank, ctx.tp, ctx.pp, ctx.dp, ctx.tp_rank, ctx.pp_rank, ctx.dp_rank))
+    built = [sum(p.numel() for p in f.build().parameters())
+             for f in build_layer_factories(cfg.model, ctx.tp, cfg.train.seed)]
+    # A topology that disagrees with megatron's groups whenever TP or PP > 1: every axis moved to DP.
+    wrong = PipeModelDataParallelTopology(num_pp=1, num_mp=1, num_dp=ctx.world_size)
+    try:
+        groups.check_topology_agreement(wrong, ctx.rank)
+        mismatch_error = None
+    except RuntimeError as exc:
+        mismatch_error = str(exc)
+    parts = getattr(engine.module, "parts", None)
+    parts = None if parts is None else [int(p) for p in parts]  # DeepSpeed gives numpy ints
+    return {"coords": coords, "analytic_layer_params": layer_parameters_per_tp_rank(cfg.model, ctx.tp),
+            "built_layer_params": built, "mismatch_error": mismatch_error, "pipeline_parts": parts}
 
 
 def main() -> None:

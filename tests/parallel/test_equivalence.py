@@ -101,3 +101,23 @@ def test_gathered_weights_are_unpadded_and_complete(results, family):
     assert [ref[name].shape for name in vocab_params] == [(300, 64)] * len(vocab_params)
     for layout, world in PARALLEL_RUNS:
         assert load(results, family, layout, world)["weights"].keys() == ref.keys()
+
+
+@pytest.mark.parametrize("layout,world", PARALLEL_RUNS, ids=[f"{l}-w{w}" for l, w in PARALLEL_RUNS])
+def test_groups_and_partition(results, layout, world):
+    """Rank coordinates follow megatron's order (TP fastest, then DP, then PP); start-up refuses a
+    DeepSpeed topology that disagrees with megatron's groups; the analytic per-layer parameter
+    counts used to partition the pipeline equal the built layers' counts."""
+    run = load(results, "llama", layout, world)
+    for rank, tp, pp, dp, tp_rank, pp_rank, dp_rank in run["coords"]:
+        assert tp * pp * dp == world
+        assert rank == pp_rank * dp * tp + dp_rank * tp + tp_rank
+    if "tp1-pp1" in layout:  # pure DP: the all-DP topology is the right one
+        assert run["mismatch_error"] is None
+    else:
+        assert "process groups of megatron-core and DeepSpeed's topology disagree" in run["mismatch_error"]
+    for family in FAMILIES:
+        run = load(results, family, layout, world)
+        assert run["analytic_layer_params"] == run["built_layer_params"]
+        if "pp2" in layout:  # 'parameters' partitioning: stage 0 = embedding + block 0
+            assert run["pipeline_parts"] == [0, 2, 5]
