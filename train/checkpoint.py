@@ -98,7 +98,21 @@ class Checkpointer:
         self._last_save_time = time.monotonic()
         note(f"checkpoint {result.path.name}: {result.bytes / 1e6:,.1f} MB in {result.seconds:.2f} s "
              f"({result.gb_per_s:.3f} GB/s)")
+        self._log_metrics(result)
         return result
+
+    def _log_metrics(self, result: SaveResult) -> None:
+        """Rank 0 appends a "checkpoint" record to <run_dir>/metrics.jsonl, next to the trainer's
+        train/eval records: one write of one line, so it never splits one of theirs."""
+        if rank_and_world()[0] != 0 or not self.cfg.logging.jsonl:
+            return
+        record = {"kind": "checkpoint", "step": result.step, "path": str(result.path),
+                  "ckpt_bytes": result.bytes, "ckpt_write_s": result.seconds,
+                  "ckpt_gb_per_s": result.gb_per_s, "time": time.time()}
+        run_dir = Path(self.cfg.train.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     # ---- resuming -----------------------------------------------------------------------------
 

@@ -135,6 +135,9 @@ def sample_streams(run_dir: Path) -> dict[int, list[list[int]]]:
 
 
 def check_same_as_reference(ref_dir: Path, run_dir: Path) -> None:
+    saves = [r for r in map(json.loads, (ref_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "checkpoint"]
+    assert [r["step"] for r in saves] == list(range(2, STEPS + 1, 2))
+    assert all(r["ckpt_bytes"] > 0 and r["ckpt_write_s"] > 0 and r["ckpt_gb_per_s"] > 0 for r in saves)
     ref, got = effective(train_records(ref_dir)), effective(train_records(run_dir))
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     for step in ref:

@@ -197,3 +197,16 @@ def test_inspect_cli_reports_and_imports_no_torch(tmp_path):
                               str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_time_interval_makes_a_save_due():
+    from gridtrain.train.checkpoint import Checkpointer
+
+    cfg = RunConfig(checkpoint=CheckpointConfig(interval_steps=0, interval_minutes=1.0))
+    ckpt = Checkpointer(cfg, SimpleNamespace(rank=0, world_size=1, tp=1, pp=1, dp=1))
+    assert not ckpt._due(7)
+    ckpt._last_save_time -= 61  # as if the last save were 61 s ago
+    assert ckpt._due(7)
+    steps_only = Checkpointer(RunConfig(checkpoint=CheckpointConfig(interval_steps=5)),
+                              SimpleNamespace(rank=0, world_size=1, tp=1, pp=1, dp=1))
+    assert [s for s in range(1, 16) if steps_only._due(s)] == [5, 10, 15]
