@@ -69,6 +69,7 @@ def build_datasets(cfg: DataConfig, num_samples: tuple[int, int, int], cache_dir
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
     config = gpt_dataset_config(cfg, cache_dir, tokenizer)
+    check_split_sizes(config, num_samples)
     with single_rank_group_if_needed():
         is_rank0 = dist.get_rank() == 0
         if is_rank0:
@@ -79,6 +80,27 @@ def build_datasets(cfg: DataConfig, num_samples: tuple[int, int, int], cache_dir
             record_finished_cache(cache_dir)
         dist.barrier()
     return train, valid, test
+
+
+def check_split_sizes(config, num_samples) -> None:
+    """Every split asked for samples must receive at least one document of every prefix
+    (megatron-core loops forever on an empty one): the split is taken over document counts."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    problems = []
+    for prefix in config.blend[0]:
+        documents = IndexedDataset(prefix).sequence_lengths.shape[0]
+        for name, bounds, wanted in zip(("train", "valid", "test"), config.split_matrix, num_samples):
+            if not wanted or bounds is None:
+                continue
+            count = int(round(bounds[1] * documents)) - int(round(bounds[0] * documents))
+            if count < 1:
+                problems.append(("data.split", config.split,
+                                 f"the {name} split of {prefix} gets 0 of its {documents} documents but "
+                                 f"{wanted} samples are needed; give {name} a larger share, or set it to 0 "
+                                 "and disable what uses it (train.eval_steps for valid)"))
+    if problems:
+        raise ConfigError(problems)
 
 
 @contextlib.contextmanager

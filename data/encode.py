@@ -14,6 +14,8 @@ from gridtrain.data.readers import Chunk
 # Bad-record locations kept per reason for the report; counts are always complete.
 KEEP_LOCATIONS = 5
 BLANK_LINES = re.compile(rb"(\n(?:[ \t\r\f\v]*\n)+)")
+# A chunk may be cut inside a run of blank lines; the rest of that run is not part of a document.
+LEADING_BLANK_LINES = re.compile(rb"^(?:[ \t\r\f\v]*\n)+")
 
 
 @dataclass
@@ -94,8 +96,12 @@ def parse_text(chunk: Chunk, bad: dict) -> tuple[list[str], int]:
     for i, raw in enumerate(pieces):
         start = line
         line += raw.count(b"\n")
-        if i % 2 == 1 or (chunk.kind == "blocks" and not raw.strip()):
-            continue  # a separator, or blank space around it
+        if chunk.kind == "blocks":
+            if i % 2 == 1 or not raw.strip():
+                continue  # a separator, or blank space around one
+            stripped = LEADING_BLANK_LINES.sub(b"", raw)
+            start += raw.count(b"\n") - stripped.count(b"\n")
+            raw = stripped
         records += 1
         try:
             text = raw.decode("utf-8")

@@ -7,6 +7,7 @@ byte-identical for any --workers."""
 import glob
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -76,7 +77,13 @@ def open_binary(path: str):
 
 def read_chunks(path: str, txt_mode: str) -> Iterator[Chunk]:
     """Chunks of one file, cut after a newline (jsonl) or a blank line (blocks)."""
-    kind = file_kind(path, txt_mode)
+    try:
+        yield from _read_chunks(path, file_kind(path, txt_mode))
+    except (OSError, EOFError, zlib.error) as exc:
+        raise UserError(f"--input {path}: unreadable ({exc}); fix or remove the file") from exc
+
+
+def _read_chunks(path: str, kind: str) -> Iterator[Chunk]:
     with open_binary(path) as stream:
         if kind == "file":
             yield Chunk(kind, path, 1, stream.read())
