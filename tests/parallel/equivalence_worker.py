@@ -81,6 +81,12 @@ def run_layout(family: str, layout: str, out_dir: Path) -> None:
                                  GLOBAL_BATCH // (MICRO_BATCH * ctx.dp))
     weights = full_state_dict(engine, ctx)
     layout_checks = check_layout(cfg, ctx, engine)
+    # set_lr reaches the optimizer DeepSpeed steps (ZeRO's flat fp32 partitions included): one more
+    # step at lr 0 must leave every weight bit-identical (AdamW's decay is lr-scaled too).
+    engine.set_lr(0.0)
+    engine.train_step(rank_micro_batches(global_batch(STEPS + 1, False), ctx.dp_rank, ctx.dp))
+    after = full_state_dict(engine, ctx)
+    layout_checks["lr0_step_unchanged"] = all(torch.equal(after[n], weights[n]) for n in weights)
     # Every rank reports its loss: the contract says it is the same number everywhere.
     all_losses = [None] * ctx.world_size
     torch.distributed.all_gather_object(all_losses, losses)

@@ -74,6 +74,7 @@ def test_layout_matches_single_rank(results, family, layout, world):
     assert max_rel_diff([run["eval_loss"]], [ref["eval_loss"]]) <= LOSS_RTOL
     assert max_weight_diff(run["weights"], ref["weights"]) <= WEIGHT_LR_FRACTION * ref["lr"]
     assert rel_weight_diff(run["weights"], ref["weights"]) <= WEIGHT_RTOL
+    assert run["lr0_step_unchanged"]  # TrainEngine.set_lr reached DeepSpeed's optimizer
 
 
 @pytest.mark.parametrize("family", FAMILIES)
