@@ -61,6 +61,10 @@ class MegatronMPU:
     def get_data_parallel_world_size(self) -> int:
         return self._ps.get_data_parallel_world_size()
 
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        # DeepSpeed's model_checkpointing and utils.groups ask for the ranks, not only the group
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
+
     def get_pipeline_model_parallel_group(self):
         return self._ps.get_pipeline_model_parallel_group()
 
