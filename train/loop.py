@@ -3,7 +3,6 @@ top to bottom: set up (seed, process groups, data, engine, resume) -> train() ->
 evaluate() each step -> summary -> tear down."""
 import dataclasses
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -81,6 +80,8 @@ def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:
     writer.note(f"rank layout: world {ctx.world_size} = TP {ctx.tp} x PP {ctx.pp} x DP {ctx.dp}, "
                 f"ZeRO {cfg.parallel.zero_stage}, {ctx.backend} on {ctx.device}")
     train_data, valid_data = build_data(cfg, ctx)
+    if valid_data is None or cfg.train.eval_steps == 0:
+        writer.note(f"validation off: data.split={cfg.data.split!r} gives it no documents or train.eval_steps=0")
     engine = build_engine(cfg, ctx)
     checkpointer = Checkpointer(cfg, ctx)
     state = checkpointer.resume(engine) or TrainState(step=0, consumed_samples=0)
@@ -96,11 +97,17 @@ def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:
     )
 
 
+def run_samples(cfg: RunConfig) -> tuple[int, int, int]:
+    """Samples the run asks of (train, valid, test): steps * global batch for training, and one
+    fixed validation set of eval_steps global batches (Megatron's eval-iters), reused at every
+    evaluation so validation losses compare across steps, and the same at any TP x PP x DP."""
+    eval_samples = cfg.train.eval_steps * cfg.train.global_batch_size
+    return cfg.train.steps * cfg.train.global_batch_size, eval_samples, eval_samples
+
+
 def build_data(cfg: RunConfig, ctx) -> tuple:
-    """Train and validation datasets sized for the whole run: steps * global batch training samples
-    and one fixed validation set of eval_steps micro-batches per DP rank, reused at every eval so
-    the validation losses are comparable across steps."""
-    from gridtrain.data.datasets import build_datasets, samples_for_run
+    """Train and validation datasets sized by run_samples."""
+    from gridtrain.data.datasets import build_datasets, default_cache_dir
     from gridtrain.data.tokenizer import SentencePieceTokenizer
 
     if not cfg.data.tokenizer:
@@ -111,10 +118,8 @@ def build_data(cfg: RunConfig, ctx) -> tuple:
             f"model.vocab_size={cfg.model.vocab_size}: the tokenizer {cfg.data.tokenizer} has "
             f"{tokenizer.vocab_size} tokens; set model.vocab_size to at least {tokenizer.vocab_size}"
         )
-    num_samples = samples_for_run(cfg.train.steps, cfg.train.global_batch_size, cfg.train.eval_steps,
-                                  cfg.train.micro_batch_size, ctx.dp)
-    cache_dir = cfg.data.cache_dir or os.path.join(cfg.train.run_dir, "index-cache")
-    train_data, valid_data, _ = build_datasets(cfg.data, num_samples, cache_dir, tokenizer)
+    cache_dir = default_cache_dir(cfg.data, cfg.train.run_dir)
+    train_data, valid_data, _ = build_datasets(cfg.data, run_samples(cfg), cache_dir, tokenizer)
     return train_data, valid_data
 
 
@@ -180,11 +185,12 @@ def train_step(t: Trainer, data: Iterator[dict]) -> Optional[dict]:
 
 
 def evaluate(t: Trainer) -> Optional[float]:
-    """Validation loss over the fixed validation micro-batches, logged with its perplexity."""
+    """Validation loss over the fixed validation set (eval_steps global batches, so this rank's
+    share is eval_steps * grad_accum_steps micro-batches), logged with its perplexity."""
     steps = t.cfg.train.eval_steps
     if t.valid_data is None or steps == 0:
         return None
-    loss = t.engine.eval_loss(micro_batches(t.cfg, t.ctx, t.valid_data, 0), steps)
+    loss = t.engine.eval_loss(micro_batches(t.cfg, t.ctx, t.valid_data, 0), steps * t.engine.grad_accum_steps)
     t.writer.write(eval_record(t.state.step, loss))
     return loss
 
@@ -195,10 +201,11 @@ def summary_line(t: Trainer, records: list[dict], val_loss: Optional[float], sec
     if not records:
         return f"done: step {t.state.step}, nothing trained in this run"
     steady = records[1:] or records
-    mean = lambda key: sum(r[key] for r in steady) / len(steady)  # noqa: E731
+    tokens_per_s = sum(r["tokens_per_s"] for r in steady) / len(steady)
+    mfu = sum(r["mfu"] for r in steady) / len(steady)
     text = (f"done: {t.state.step} steps ({len(records)} logged) in {seconds:.1f} s | "
             f"loss {records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}")
     if val_loss is not None:
         text += f" | val loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f})"
-    return text + (f" | {mean('tokens_per_s'):,.0f} tok/s | MFU {mean('mfu') * 100:.2f}% | "
+    return text + (f" | {tokens_per_s:,.0f} tok/s | MFU {mfu * 100:.2f}% | "
                    f"mem {max(r['mem_max_mb'] for r in records):,.0f} MB max/rank")
