@@ -50,8 +50,6 @@ def register(subparsers) -> None:
         description="Builds exactly the caches the trainer would build at start-up (same sample "
                     "counts), so no rank races or waits on them.")
     index.add_argument("configs", nargs="+", metavar="CONFIG")
-    index.add_argument("--world-size", type=int, help="ranks of the run, for its DP size "
-                       "(default: parallel.data_parallel, else TP x PP, i.e. DP=1)")
     index.set_defaults(handler=data_index_command, accepts_overrides=True)
 
 
@@ -92,23 +90,20 @@ def preprocess_command(args) -> int:
 
 def data_index_command(args) -> int:
     quiet_library_warnings()
-    from gridtrain.data.datasets import build_datasets, default_cache_dir, samples_for_run
+    from gridtrain.data.datasets import build_datasets, default_cache_dir
     from gridtrain.data.tokenizer import SentencePieceTokenizer
     from gridtrain.launcher.commands import split_extra_args
     from gridtrain.launcher.config import load_config
-    from gridtrain.launcher.validate import data_parallel_size
+    from gridtrain.train.loop import run_samples  # the trainer's own counts: they key the caches
 
     configs, overrides = split_extra_args(args)
     cfg = load_config(configs, overrides)
     if not cfg.data.tokenizer:
         raise UserError("data.tokenizer=None: set the SentencePiece .model the shards were made with")
-    world = args.world_size or (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
-    dp = data_parallel_size(cfg, world)
-    t = cfg.train
-    num_samples = samples_for_run(t.steps, t.global_batch_size, t.eval_steps, t.micro_batch_size, dp)
-    cache_dir = default_cache_dir(cfg.data, t.run_dir)
+    num_samples = run_samples(cfg)
+    cache_dir = default_cache_dir(cfg.data, cfg.train.run_dir)
     datasets = build_datasets(cfg.data, num_samples, cache_dir, SentencePieceTokenizer(cfg.data.tokenizer))
     sizes = ", ".join(f"{name} {len(d) if d is not None else 0}" for name, d in zip(("train", "valid", "test"), datasets))
-    print(f"data index: {cache_dir} ready for DP={dp}, samples requested {list(num_samples)} (built: {sizes})")
+    print(f"data index: {cache_dir} ready; samples requested {list(num_samples)} (datasets: {sizes})")
     return 0
 

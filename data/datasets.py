@@ -155,15 +155,6 @@ def record_finished_cache(cache_dir: str) -> None:
     os.replace(tmp, path)
 
 
-def samples_for_run(train_steps: int, global_batch_size: int, eval_steps: int,
-                    micro_batch_size: int, dp: int) -> tuple[int, int, int]:
-    """The sample counts a run asks build_datasets for: the whole run's training samples and one
-    fixed validation (and test) set of eval_steps micro-batches per DP rank. The counts are part of
-    megatron-core's cache key, so `gridtrain data index` and the trainer must agree on them."""
-    eval_samples = eval_steps * micro_batch_size * dp
-    return train_steps * global_batch_size, eval_samples, eval_samples
-
-
 def default_cache_dir(cfg: DataConfig, run_dir: str) -> str:
     """data.cache_dir, else <run_dir>/index-cache (one cache per run folder)."""
     return cfg.cache_dir or os.path.join(run_dir, "index-cache")

@@ -128,20 +128,21 @@ def test_interrupted_cache_build_is_rebuilt(tmp_path, shard_prefix, tokenizer):
 
 
 def test_data_index_prebuilds_what_the_trainer_loads(tmp_path, shard_prefix, tokenizer_model, capsys):
-    from gridtrain.data.datasets import samples_for_run
     from gridtrain.launcher.cli import main
+    from gridtrain.launcher.config import load_config
+    from gridtrain.train.loop import run_samples
 
     config = tmp_path / "run.yaml"
     config.write_text(
         f"data:\n  blend: [[1.0, {shard_prefix}]]\n  tokenizer: {tokenizer_model}\n  seq_length: 32\n  split: 90,5,5\n"
         f"train:\n  steps: 20\n  global_batch_size: 8\n  micro_batch_size: 2\n  eval_steps: 3\n  run_dir: {tmp_path / 'run'}\n"
         "model:\n  max_seq_len: 32\n")
-    assert main(["data", "index", str(config), "--world-size", "2"]) == 0
-    assert "ready for DP=2" in capsys.readouterr().out
+    assert main(["data", "index", str(config), "--train.steps=30"]) == 0
+    assert "ready; samples requested [240, 24, 24]" in capsys.readouterr().out
     cache = tmp_path / "run" / "index-cache"
     before = sorted(os.listdir(cache))
-    cfg = DataConfig(blend=((1.0, shard_prefix),), tokenizer=tokenizer_model, seq_length=32, split="90,5,5")
-    train, valid, _ = build_datasets(cfg, samples_for_run(20, 8, 3, 2, 2), str(cache), SentencePieceTokenizer(tokenizer_model))
+    cfg = load_config([str(config)], ["--train.steps=30"])
+    train, valid, _ = build_datasets(cfg.data, run_samples(cfg), str(cache), SentencePieceTokenizer(tokenizer_model))
     assert isinstance(train.shuffle_index, np.memmap) and isinstance(valid.shuffle_index, np.memmap)  # loaded, not built
     assert sorted(os.listdir(cache)) == before
 
