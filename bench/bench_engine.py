@@ -233,9 +233,10 @@ def memory_rows(per_rank: list[list[dict]]) -> tuple[list, float]:
         parts = ("master_weights", "adam_moments", "gradients")
         got, want = sum(measured[k] for k in parts), sum(formula[k] for k in parts)
         worst = max(worst, abs(got / want - 1))
-        detail = ", ".join(f"{k.split('_')[-1]} {measured[k] / 2**20:.1f}/{formula[k] / 2**20:.1f}" for k in parts)
+        short = {"master_weights": "fp32 master", "adam_moments": "Adam m+v", "gradients": "grads"}
+        detail = ", ".join(f"{short[k]} {measured[k] / 2**20:.1f}/{formula[k] / 2**20:.1f}" for k in parts)
         rows.append((f"ZeRO-{stage} DP=2 optimizer-state memory per rank", f"{got / 2**20:.1f} MiB",
-                     f"paper formula {want / 2**20:.1f} MiB ({got / want - 1:+.2%}); measured/formula MiB: {detail}"))
+                     f"paper formula {want / 2**20:.1f} MiB ({got / want - 1:+.3%}); measured/formula MiB: {detail}"))
     return rows, worst
 
 
@@ -254,7 +255,7 @@ def main() -> int:
     wall_ratio = times["plain"][0] / times["gridtrain"][0]
     rows.append(("engine / plain, wall time", f"{wall_ratio:.3f}", "target >= 0.90"))
     rows += memory
-    rows.append(("largest deviation from the ZeRO formulas", f"{worst:.2%}", "target <= 5%"))
+    rows.append(("largest deviation from the ZeRO formulas", f"{worst:.3%}", "target <= 5%"))
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>18}  {note}")
