@@ -22,13 +22,23 @@ def measure_matmul_flops(device: torch.device, size: int = 1024, seconds: float 
     deadline = time.perf_counter() + seconds
     repeats = 0
     while repeats < 3 or time.perf_counter() < deadline:
-        _synchronize(device)
-        start = time.perf_counter()
-        torch.mm(a, b)
-        _synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, _matmul_seconds(a, b, device))
         repeats += 1
     return 2.0 * size**3 / best
+
+
+def _matmul_seconds(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> float:
+    """Duration of one matmul. On CPU, also the process's CPU time spread over its threads: when
+    other processes share the cores (ranks of one node, other jobs) the wall time includes their
+    time slices, the CPU time does not, so the probe still finds the cores' own peak."""
+    _synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    torch.mm(a, b)
+    _synchronize(device)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if device.type == "cuda":
+        return wall
+    return min(wall, max(cpu / torch.get_num_threads(), 1e-9))
 
 
 def total_peak_flops(peak_flops: float | None, device: torch.device) -> tuple[float, str]:
