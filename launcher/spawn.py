@@ -98,7 +98,7 @@ def _forward_to_ranks(signum, frame) -> None:
 
 def describe_failures(failures: dict) -> str:
     """One line: every failed global rank with its exit code or signal, the first failure first."""
-    if {failure.exitcode for failure in failures.values()} == {PREEMPTED_EXIT_CODE}:
+    if _preempted(failures):
         return (f"stopped on a preemption signal: the ranks wrote a checkpoint and exited {PREEMPTED_EXIT_CODE}; "
                 "run the same command to resume")
     ordered = sorted(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
@@ -112,8 +112,17 @@ def describe_failures(failures: dict) -> str:
     return "; ".join(parts) + "; the other ranks were stopped (see the rank's output above)"
 
 
-def _exit_code(failures: dict) -> int:
-    """2 if every failed rank reported a user error, 75 if every one stopped cleanly for preemption
-    (checkpoint written: requeue), else 1."""
+def _preempted(failures: dict) -> bool:
+    """A rank exits 75 only after the checkpoint all ranks wrote together is published; the agent
+    then SIGTERMs the ranks still tearing down, so those count as part of the same clean stop."""
     codes = {failure.exitcode for failure in failures.values()}
-    return codes.pop() if codes in ({2}, {PREEMPTED_EXIT_CODE}) else 1
+    torn_down = {-signal.SIGTERM, -signal.SIGKILL}
+    return PREEMPTED_EXIT_CODE in codes and codes <= {PREEMPTED_EXIT_CODE, *torn_down}
+
+
+def _exit_code(failures: dict) -> int:
+    """75 for a clean preemption stop (checkpoint written: requeue), 2 if every failed rank
+    reported a user error, else 1."""
+    if _preempted(failures):
+        return PREEMPTED_EXIT_CODE
+    return 2 if {failure.exitcode for failure in failures.values()} == {2} else 1

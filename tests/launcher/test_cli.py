@@ -125,3 +125,26 @@ def test_missing_inputs_fail_before_spawning(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing written, no rank started
     gone = gridtrain("train", "small.yaml", "--nproc-per-node", 4, "--data.tokenizer=nope.model", cwd=tmp_path)
     assert "data.tokenizer='nope.model': no such file" in gone.stderr
+
+
+def test_failure_summary_and_exit_codes():
+    """The agent's failure records -> one line and exit code: a preemption stop (75, with the
+    stragglers the agent SIGTERMed) is not a crash; a SIGKILLed rank is named first."""
+    import signal
+    from types import SimpleNamespace as Failure
+
+    from gridtrain.launcher.spawn import _exit_code, describe_failures
+
+    def failure(code, pid, stamp):
+        name = signal.Signals(-code).name if code < 0 else ""
+        return Failure(exitcode=code, pid=pid, local_rank=pid % 10, timestamp=stamp, signal_name=lambda: name)
+
+    stopped = {0: failure(75, 10, 1), 1: failure(-signal.SIGTERM, 11, 2)}
+    assert _exit_code(stopped) == 75 and describe_failures(stopped).startswith("stopped on a preemption signal")
+    killed = {0: failure(-signal.SIGTERM, 20, 5), 3: failure(-signal.SIGKILL, 23, 4)}
+    assert _exit_code(killed) == 1
+    assert describe_failures(killed).startswith("rank 3 (local rank 3, pid 23) failed: killed by SIGKILL; "
+                                                "rank 0 (local rank 0, pid 20) failed: killed by SIGTERM")
+    crashed = {1: failure(1, 31, 1), 0: failure(75, 30, 2)}
+    assert _exit_code(crashed) == 1 and "rank 1 (local rank 1, pid 31) failed: exit code 1" in describe_failures(crashed)
+    assert _exit_code({0: failure(2, 40, 1), 1: failure(2, 41, 1)}) == 2
