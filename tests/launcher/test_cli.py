@@ -3,7 +3,6 @@ traceback; --dry-run numbers against values worked by hand; `gridtrain env`."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
 

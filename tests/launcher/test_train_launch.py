@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from multirank import free_port
+from tiny_corpus import build_tiny_corpus
 
 psutil = pytest.importorskip("psutil")
 
@@ -23,26 +24,9 @@ WORDS = "the quick brown fox jumps over the lazy dog while seven cats sleep on a
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     """A 100-piece SentencePiece tokenizer and one Megatron shard of 200 short documents."""
-    import numpy as np
-    import sentencepiece as spm
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    from gridtrain.data.tokenizer import SentencePieceTokenizer
-
-    root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
     docs = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(200)]
-    (root / "corpus.txt").write_text("\n".join(docs) + "\n")
-    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "tok"), vocab_size=100,
-                                   model_type="bpe", hard_vocab_limit=False, minloglevel=2)
-    tokenizer = SentencePieceTokenizer(str(root / "tok.model"))
-    builder = IndexedDatasetBuilder(str(root / "shard.bin"), dtype=np.int32)
-    for doc in docs:
-        ids = tokenizer.tokenize(doc) + [tokenizer.eod]
-        builder.add_document(torch.tensor(ids), [len(ids)])
-    builder.finalize(str(root / "shard.idx"))
-    return {"tokenizer": str(root / "tok.model"), "prefix": str(root / "shard")}
+    return build_tiny_corpus(tmp_path_factory.mktemp("corpus"), docs, vocab_size=100)
 
 
 def write_config(tmp_path: Path, corpus: dict, name: str, steps: int) -> tuple[Path, Path]:

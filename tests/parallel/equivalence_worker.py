@@ -6,7 +6,6 @@ Usage (under tests/multirank.launch): equivalence_worker.py OUT_DIR LAYOUT [LAYO
 LAYOUT is "tp<T>-pp<P>-z<Z>" (DP follows from the world size), or "perturbed" (the 1-rank run with
 one token of one training sample changed: the negative control).
 """
-import dataclasses
 import gc
 import re
 import sys

@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from multirank import free_port, launch
+from tiny_corpus import build_tiny_corpus
 
 WORKER = Path(__file__).parent / "test_checkpoint_workers" / "run_loop.py"
 SENTENCES = ["the quick brown fox jumps over the lazy dog.", "seven cats sleep on the warm red roof.",
@@ -25,25 +25,9 @@ STEPS, GLOBAL_BATCH = 10, 8
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     """A SentencePiece tokenizer and Megatron shards of 200 short documents."""
-    import sentencepiece as spm
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    from gridtrain.data.tokenizer import SentencePieceTokenizer
-
-    root = tmp_path_factory.mktemp("ckpt-corpus")
     rng = random.Random(1)
     docs = [" ".join(rng.sample(SENTENCES, 3)) for _ in range(200)]
-    (root / "corpus.txt").write_text("\n".join(docs) + "\n")
-    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "tok"), vocab_size=90,
-                                   model_type="bpe", hard_vocab_limit=False, minloglevel=2)
-    tokenizer = SentencePieceTokenizer(str(root / "tok.model"))
-    builder = IndexedDatasetBuilder(str(root / "shard.bin"), dtype=np.int32)
-    for doc in docs:
-        ids = tokenizer.tokenize(doc) + [tokenizer.eod]
-        builder.add_document(torch.tensor(ids), [len(ids)])
-    builder.finalize(str(root / "shard.idx"))
-    return {"tokenizer": str(root / "tok.model"), "prefix": str(root / "shard")}
+    return build_tiny_corpus(tmp_path_factory.mktemp("ckpt-corpus"), docs, vocab_size=90)
 
 
 def write_config(tmp_path: Path, corpus: dict, name: str, tp: int, pp: int, zero: int,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from multirank import launch
+from tiny_corpus import build_tiny_corpus
 
 WORKER = Path(__file__).with_name("run_worker.py")
 SENTENCES = [
@@ -22,30 +23,12 @@ SENTENCES = [
 def corpus(tmp_path_factory) -> dict:
     """A SentencePiece tokenizer and Megatron shards of 300 documents, each the four sentences from
     a random starting point: nearly every next token is predictable once the order is learned."""
-    import sentencepiece as spm
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    from gridtrain.data.tokenizer import SentencePieceTokenizer
-
-    root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
     docs = []
     for _ in range(300):
         start = rng.randrange(len(SENTENCES))
         docs.append(" ".join(SENTENCES[(start + i) % len(SENTENCES)] for i in range(len(SENTENCES))))
-    (root / "corpus.txt").write_text("\n".join(docs) + "\n")
-    spm.SentencePieceTrainer.train(
-        input=str(root / "corpus.txt"), model_prefix=str(root / "tok"), vocab_size=100,
-        model_type="bpe", hard_vocab_limit=False, minloglevel=2,
-    )
-    tokenizer = SentencePieceTokenizer(str(root / "tok.model"))
-    builder = IndexedDatasetBuilder(str(root / "shard.bin"), dtype=np.int32)
-    for doc in docs:
-        ids = tokenizer.tokenize(doc) + [tokenizer.eod]
-        builder.add_document(torch.tensor(ids), [len(ids)])
-    builder.finalize(str(root / "shard.idx"))
-    return {"tokenizer": str(root / "tok.model"), "prefix": str(root / "shard")}
+    return build_tiny_corpus(tmp_path_factory.mktemp("corpus"), docs, vocab_size=100)
 
 
 def sections(corpus: dict, run_dir: Path, lr: float, steps: int, **parallel) -> dict:
