@@ -23,20 +23,11 @@ import time
 from pathlib import Path
 
 import torch
+from single_rank import single_rank_env
 
 VOCAB, HIDDEN, LAYERS, HEADS, SEQ, MICRO, ACCUM = 8000, 256, 4, 8, 256, 4, 2
 WARMUP_STEPS, TIMED_STEPS = 2, 6
 MEMORY_MODEL = dict(vocab_size=8000, hidden_size=256, num_layers=4, num_attention_heads=8, num_kv_heads=4)
-
-
-def single_rank_env() -> None:
-    """The environment torchrun would give one rank, so part 1 needs no launcher."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-        os.environ.setdefault(key, value)
 
 
 def run_config(model_fields: dict, zero_stage: int, global_batch: int, micro: int, seq: int = SEQ):
@@ -179,9 +170,9 @@ def measure_zero_stage(stage: int) -> dict:
     peak_grads = [0]
     original_step = ds.step
 
-    def step_and_sample(*args, **kwargs):
+    def step_and_sample(*args, _ds=ds, **kwargs):
         # After each micro-batch's backward: the most gradient memory a step cycle holds.
-        peak_grads[0] = max(peak_grads[0], storage_bytes(gradient_tensors(ds)))
+        peak_grads[0] = max(peak_grads[0], storage_bytes(gradient_tensors(_ds)))
         return original_step(*args, **kwargs)
 
     ds.step = step_and_sample

@@ -7,28 +7,17 @@ CPU time, not its wall time, like the peak probe does (gridtrain.train.metrics):
 slices then cancel out. The wall-clock figures are printed too; on an idle machine they agree.
 
 Run: `make bench` or `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_engine_mfu.py`."""
-import os
-import socket
 import sys
 import time
 
 import torch
+from single_rank import single_rank_env
 
 HIDDEN, LAYERS, HEADS, VOCAB, SEQ, MICRO = 512, 4, 8, 8192, 256, 4
 WARMUP_STEPS, TIMED_STEPS = 2, 5
 PEAK_SIZES = (1024, 2048, 4096)
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
 ATTENTION_MARK = "scaled_dot_product"
-
-
-def single_rank_env() -> None:
-    """The environment torchrun would give one rank, so the bench needs no launcher."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-        os.environ.setdefault(key, value)
 
 
 def run_config():
