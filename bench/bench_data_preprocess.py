@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 
 WORKERS = 2
+ROUNDS = 3
 
 
 def prepare(work: Path) -> tuple[Path, Path]:
@@ -77,22 +78,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         work = Path(tmp)
         corpus, model = prepare(work)
-        limit, limit_tokens = limit_tokens_per_s(corpus, model)
-        rows = []
-        for scale in scales:
-            source = corpus if scale == 1 else repeated(corpus, scale, work / f"x{scale}.jsonl")
-            result = run_tool(source, model, work / f"out{scale}")
-            rows.append((scale, result))
+        # The machine is shared: alternate limit and tool runs and keep the best of each.
+        limits, tools = [], []
+        for _ in range(ROUNDS):
+            limits.append(limit_tokens_per_s(corpus, model))
+            tools.append(run_tool(corpus, model, work / "out1"))
+        limit, limit_tokens = max(limits)
+        tool = max(tools, key=lambda r: r["tokens_per_second"])
+        assert tool["tokens"] == limit_tokens, "the tool and the limit must see the same tokens"
+        rows = [(1, tool)]
+        for scale in (s for s in scales if s > 1):
+            source = repeated(corpus, scale, work / f"x{scale}.jsonl")
+            rows.append((scale, run_tool(source, model, work / f"out{scale}")))
             for name in os.listdir(work):
                 if name.startswith((f"out{scale}", f"x{scale}")) and not name.endswith(".json"):
                     os.remove(work / name)
-        tool = rows[0][1]
-        assert tool["tokens"] == limit_tokens, "the tool and the limit must see the same tokens"
-        print(f"{'measurement':58s} {'MB in':>8s} {'tokens/s':>12s} {'peak PSS MB':>12s}")
-        print(f"{'limit: sp.encode(docs, num_threads=2), in memory':58s} {tool['input_bytes'] / 1e6:8.1f} {limit:12,.0f} {'':>12s}")
+        print(f"{'measurement (best of ' + str(ROUNDS) + ' for 1x)':62s} {'MB in':>8s} {'tokens/s':>12s} {'peak PSS MB':>12s}")
+        print(f"{'limit: sp.encode(docs, num_threads=2), in memory':62s} {tool['input_bytes'] / 1e6:8.1f} {limit:12,.0f} {'':>12s}")
         for scale, result in rows:
             name = f"gridtrain preprocess --workers 2 ({scale}x corpus, read+parse+encode+write)"
-            print(f"{name:58s} {result['input_bytes'] / 1e6:8.1f} {result['tokens_per_second']:12,.0f} {result['peak_mb']:12.0f}")
+            print(f"{name:62s} {result['input_bytes'] / 1e6:8.1f} {result['tokens_per_second']:12,.0f} {result['peak_mb']:12.0f}")
         print(f"headline: preprocess / limit tokens/s = {tool['tokens_per_second'] / limit:.2f} (target >= 0.80)")
 
 
