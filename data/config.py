@@ -1,5 +1,5 @@
 """DataConfig: the data blend, split and sequence layout."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 
