@@ -139,6 +139,8 @@ def train(t: Trainer) -> bool:
     records, started = [], time.perf_counter()
     # A run that checkpoints at all also keeps its final weights, whatever the interval.
     saves_on = cfg.checkpoint.interval_steps > 0 or cfg.checkpoint.interval_minutes > 0
+    if cfg.train.eval_interval and t.state.step == 0:
+        evaluate(t)  # the starting point every later validation loss is compared with
     while t.state.step < cfg.train.steps:
         record = train_step(t, data)
         if record is not None:
