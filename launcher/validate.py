@@ -154,7 +154,7 @@ def _batch(cfg: RunConfig, world_size: int | None, bad: set) -> list[Problem]:
 
 def _device(cfg: RunConfig, device: str) -> list[Problem]:
     if device == "cuda":
-        return []
+        return _not_implemented_on_cuda(cfg)
     problems = []
     if cfg.parallel.sequence_parallel:
         problems.append(("parallel.sequence_parallel", True, "megatron-core's sequence parallel needs CUDA "
@@ -166,6 +166,19 @@ def _device(cfg: RunConfig, device: str) -> list[Problem]:
         problems.append(("parallel.backend", "nccl", "NCCL needs CUDA devices; use auto or gloo on CPU"))
     if cfg.parallel.init_device == "cuda":
         problems.append(("parallel.init_device", "cuda", "initialising weights on CUDA needs a GPU; use cpu"))
+    return problems
+
+
+def _not_implemented_on_cuda(cfg: RunConfig) -> list[Problem]:
+    # Refused rather than silently ignored: the decoder is built with sequence_parallel=False and
+    # megatron-core's host-side initialisation.
+    problems = []
+    if cfg.parallel.sequence_parallel:
+        problems.append(("parallel.sequence_parallel", True, "not implemented in gridtrain yet (the decoder's "
+                         "TP layers are built without it); set it to false"))
+    if cfg.parallel.init_device == "cuda":
+        problems.append(("parallel.init_device", "cuda", "device-side initialisation is not implemented in "
+                         "gridtrain yet (weights are built on the host and sliced); use cpu"))
     return problems
 
 

@@ -15,8 +15,9 @@ class ParallelConfig:
     pipeline_partition: Literal["parameters", "uniform"] = "parameters"
     # "auto": nccl with CUDA, gloo without.
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    # "cpu": megatron-core builds full weights on the host and slices them (layout-independent);
-    # "cuda": megatron-core's RNG tracker initialises shards on the device (faster for huge layers).
+    # "cpu": megatron-core builds full weights on the host and slices them (layout-independent).
+    # "cuda" (megatron-core's RNG tracker initialising shards on the device) is not implemented yet:
+    # validation refuses it.
     init_device: Literal["cpu", "cuda"] = "cpu"
     # Bound on every collective: a dead peer turns into an error instead of a hang.
     timeout_minutes: float = 10.0

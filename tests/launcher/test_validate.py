@@ -142,8 +142,14 @@ def test_each_rule_names_field_value_and_fix(name):
 
 
 def test_cuda_only_settings_pass_on_cuda():
-    cfg = base(parallel=dict(sequence_parallel=True, tensor_parallel=2, backend="nccl"), train=dict(dtype="bf16"))
+    cfg = base(parallel=dict(tensor_parallel=2, backend="nccl"), train=dict(dtype="bf16"))
     validate(cfg, 4, "cuda")
+
+
+def test_unimplemented_cuda_options_are_refused_not_ignored():
+    cfg = base(parallel=dict(sequence_parallel=True, tensor_parallel=2, init_device="cuda"), train=dict(dtype="bf16"))
+    assert [field for field, _, _ in problems_of(cfg, 4, "cuda")] == ["parallel.sequence_parallel",
+                                                                      "parallel.init_device"]
 
 
 def test_several_problems_give_one_error_listing_all():
