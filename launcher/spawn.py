@@ -43,9 +43,14 @@ def set_rank_environment(device: str) -> None:
     else:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
-    # Library deprecation notices repeated by every rank bury the training log; the user's own
-    # PYTHONWARNINGS wins.
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+        # Saying so spares every rank DeepSpeed's "unable to detect an accelerator" warning.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Library notices repeated by every rank bury the training log (megatron-core's fallback notice
+    # is the same fact `gridtrain env` reports once); the user's own PYTHONWARNINGS wins.
+    # megatron-core's CUDA_DEVICE_MAX_CONNECTIONS advice is set above for CUDA and means nothing on CPU.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning,"
+                          "ignore:Transformer Engine and Apex are not installed:UserWarning,"
+                          "ignore:When using async grad allreduce it is recommended:UserWarning")
 
 
 def torchrun_args(node: NodeSpec, config_path: str) -> list[str]:
