@@ -226,4 +226,21 @@ class Checkpointer:
                 f"{path} was saved with {self._show(saved)} and this run uses {self._show(now)}; "
                 "resharding reads ZeRO optimizer files, which a ZeRO-0 checkpoint lacks: resume with "
                 "the saved layout (or save with parallel.zero_stage >= 1 to change layouts later)")
+        if (saved["zero_stage"] == 3) != (now["zero_stage"] == 3):
+            # DeepSpeed 0.19.8's universal form differs between ZeRO-3 and ZeRO 1/2 (ds_to_universal
+            # writes mp_rank_* model files and per-parameter steps only for 1/2, zero_pp_rank_* only
+            # for 3), and each engine reads only its own: refuse here rather than fail inside it.
+            raise CheckpointError(
+                f"parallel.zero_stage={now['zero_stage']}: {path} was saved with {self._show(saved)}; "
+                "DeepSpeed resumes a ZeRO-3 checkpoint under another layout only into ZeRO-3 and a "
+                f"ZeRO 1/2 one only into ZeRO 1/2: set parallel.zero_stage="
+                f"{'3' if saved['zero_stage'] == 3 else '1 or 2'}, or resume with the saved layout")
+        if now["zero_stage"] == 3 and max(saved["tp"], now["tp"]) > 1:
+            # ds_to_universal merges TP slices into full weights, but the ZeRO-3 loader
+            # (stage3.py load_hp_checkpoint_state) splits them again only for DeepSpeed AutoTP
+            # parameters, not for megatron-core's: it would fill the shards with the wrong values.
+            raise CheckpointError(
+                f"parallel.tensor_parallel={now['tp']}: {path} was saved with {self._show(saved)}; "
+                "DeepSpeed changes the layout of a ZeRO-3 checkpoint only between runs at "
+                "tensor_parallel=1 (any DP size): resume with the saved layout")
         return False
