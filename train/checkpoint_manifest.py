@@ -15,6 +15,8 @@ STATE_NAME = "gridtrain_state.json"
 FORMAT = "gridtrain-checkpoint/1"
 CHECKSUM = "sha256"
 _CHUNK = 8 * 2**20
+# Blocks smaller than this are hashed inline: handing them to a thread costs more than it saves.
+_OFFLOAD_MIN = 2**20
 
 
 def file_digest(path: Path) -> tuple[int, str]:
@@ -26,6 +28,40 @@ def file_digest(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
+
+
+class HashingWriter:
+    """A write-only stream over an open binary file that feeds every byte to sha256 on its way to
+    the file, so a shard's checksum costs no second read of it. With a `pool` (one thread), a large
+    block is hashed there while this thread copies it into the file: both release the GIL, so
+    hashing mostly hides behind the write. It has no `fileno`, on purpose: torch.save would then
+    write storages straight to the descriptor, past the hash."""
+
+    def __init__(self, raw, pool=None):
+        self._raw = raw
+        self._pool = pool
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        nbytes = memoryview(data).nbytes
+        if self._pool is None or nbytes < _OFFLOAD_MIN:
+            written = self._raw.write(data)  # buffered files write all of `data` or raise
+            self._digest.update(data)
+        else:
+            hashed = self._pool.submit(self._digest.update, data)
+            try:
+                written = self._raw.write(data)
+            finally:
+                hashed.result()  # the caller may free `data` once we return, even on error
+        self.size += nbytes
+        return written
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def fsync_file(path: Path) -> None:
@@ -63,14 +99,22 @@ def write_text_atomic(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def digest_files(root: Path, relpaths: list[str], fsync: bool = True) -> dict[str, dict]:
-    """Size and checksum of each file under `root`, fsyncing it first (a rank's own shard files)."""
+def digest_files(root: Path, relpaths: list[str], fsync: bool = True,
+                 known: dict[str, tuple[int, str]] | None = None) -> dict[str, dict]:
+    """Size and checksum of each file under `root`, fsyncing it first (a rank's own shard files).
+    `known` maps a relpath to the (size, sha256) hashed while it was written: those files are not
+    read back, only checked against their size on disk, which catches a write that went astray."""
     entries = {}
     for rel in relpaths:
         path = root / rel
         if fsync:
             fsync_file(path)
-        size, digest = file_digest(path)
+        if known and rel in known:
+            size, digest = known[rel]
+            if path.stat().st_size != size:
+                raise OSError(f"{path}: {path.stat().st_size} bytes on disk, {size} written")
+        else:
+            size, digest = file_digest(path)
         entries[rel] = {"size": size, CHECKSUM: digest}
     return entries
 

@@ -13,14 +13,16 @@ import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from gridtrain.train.checkpoint_collectives import all_gather_object, broadcast_object, rank_and_world
 from gridtrain.train.checkpoint_manifest import (
-    STATE_NAME, build_manifest, digest_files, list_files, write_text_atomic)
+    STATE_NAME, HashingWriter, build_manifest, digest_files, fsync_file, list_files, write_text_atomic)
 from gridtrain.train.checkpoint_rng import capture_rng_state
 from gridtrain.train.checkpoint_store import (
     CheckpointError, apply_retention, publish, read_latest, temp_path)
@@ -63,12 +65,22 @@ def rng_file(rank: int) -> str:
 class _RecordingWriter:
     """Stands in for DeepSpeed's checkpoint engine during one save: delegates every call, remembers
     the paths written and turns a failed write into a recorded error so DeepSpeed's control flow
-    (and its collectives) continues on this rank."""
+    (and its collectives) continues on this rank.
+
+    With DeepSpeed's plain torch engine it writes the file itself, as that engine would
+    (torch.save, same serialization), but hashes the bytes as they are written and fsyncs each
+    finished file on a thread while the next one is serialized: a save then never reads its
+    shards back, and the disk flush overlaps the CPU work instead of following it."""
 
     def __init__(self, inner):
         self._inner = inner
         self.paths: list[str] = []
+        self.digests: dict[str, tuple[int, str]] = {}
         self.error: str | None = None
+        self._hashing = type(inner) is TorchCheckpointEngine
+        self._fsync = ThreadPoolExecutor(max_workers=1) if self._hashing else None
+        self._hash = ThreadPoolExecutor(max_workers=1) if self._hashing else None
+        self._pending = []
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -77,12 +89,38 @@ class _RecordingWriter:
         if self.error is not None:
             return None
         try:
-            result = self._inner.save(state_dict, path)
+            if self._hashing:
+                result = None
+                with open(path, "wb") as raw:
+                    sink = HashingWriter(raw, self._hash)
+                    torch.save(state_dict, sink, _use_new_zipfile_serialization=self._inner.zipfile_serialization)
+                self.digests[str(path)] = (sink.size, sink.hexdigest())
+                self._pending.append((path, self._fsync.submit(fsync_file, path)))
+            else:
+                result = self._inner.save(state_dict, path)
         except (OSError, RuntimeError) as exc:  # torch's zip writer reports ENOSPC as RuntimeError
             self.error = _describe_write_error(path, exc)
             return None
         self.paths.append(str(path))
         return result
+
+    def wait_durable(self) -> None:
+        """Wait for the fsyncs started by `save`; a failed one becomes this rank's error."""
+        if self._fsync is None:
+            return
+        for path, future in self._pending:
+            try:
+                future.result()
+            except OSError as exc:
+                self.error = self.error or f"fsync of {path}: {_short(exc)}"
+        self._fsync.shutdown()
+        self._hash.shutdown()
+        self._fsync = self._hash = None
+
+    @property
+    def synced(self) -> bool:
+        """Whether every file in `paths` was fsynced by this writer."""
+        return self._hashing
 
     def makedirs(self, path, exist_ok=False):
         try:
@@ -107,8 +145,9 @@ def _describe_write_error(path, exc: BaseException) -> str:
     return text + (f" (disk full: {free:,} bytes free)" if full else f" ({free:,} bytes free)")
 
 
-def _deepspeed_save(ds_engine, tmp: Path, client_state: dict) -> tuple[list[str], str | None]:
-    """DeepSpeed's own save into <tmp>/ds on this rank; returns (files written, error or None)."""
+def _deepspeed_save(ds_engine, tmp: Path, client_state: dict) -> _RecordingWriter:
+    """DeepSpeed's own save into <tmp>/ds on this rank; returns the writer, which holds the files
+    written, their digests when hashed on the way, and the error if any."""
     writer = _RecordingWriter(ds_engine.checkpoint_engine)
     original_copy = ds_engine._copy_recovery_script
 
@@ -126,7 +165,8 @@ def _deepspeed_save(ds_engine, tmp: Path, client_state: dict) -> tuple[list[str]
     finally:
         ds_engine.checkpoint_engine = writer._inner
         del ds_engine._copy_recovery_script
-    return writer.paths, writer.error
+        writer.wait_durable()
+    return writer
 
 
 def _write_gridtrain_files(tmp: Path, state: TrainState, ctx: SaveContext, rank: int) -> list[str]:
@@ -154,13 +194,16 @@ class _WriteFailed(Exception):
 
 def _write_rank_shard(ds_engine, tmp: Path, state: TrainState, ctx: SaveContext, rank: int, client_state: dict):
     """(manifest entries of this rank's files, error or None). Never raises for I/O errors."""
-    paths, error = _deepspeed_save(ds_engine, tmp, client_state)
-    if error is not None:
-        return {}, error
+    writer = _deepspeed_save(ds_engine, tmp, client_state)
+    if writer.error is not None:
+        return {}, writer.error
     try:
-        relpaths = [Path(p).resolve().relative_to(tmp.resolve()).as_posix() for p in paths]
-        relpaths += _write_gridtrain_files(tmp, state, ctx, rank)
-        return digest_files(tmp, relpaths), None
+        root = tmp.resolve()
+        relative = {p: Path(p).resolve().relative_to(root).as_posix() for p in writer.paths}
+        known = {relative[p]: digest for p, digest in writer.digests.items()}
+        entries = digest_files(tmp, list(relative.values()), fsync=not writer.synced, known=known)
+        own = _write_gridtrain_files(tmp, state, ctx, rank)
+        return {**entries, **digest_files(tmp, own)}, None
     except _WriteFailed as exc:
         return {}, str(exc)
     except OSError as exc:  # fsync or read-back for the checksum
