@@ -10,6 +10,7 @@ duration of the save to learn which files this rank wrote and to catch a failed 
 leaving DeepSpeed's collectives (its trailing barrier) unmatched on the other ranks."""
 import errno
 import json
+import os
 import shutil
 import sys
 import time
@@ -32,6 +33,8 @@ DS_TAG = "ds"
 TOKENIZER_NAME = "tokenizer.model"
 # Free space below which a failed write is reported as a full disk.
 _FULL_BELOW = 4 * 2**20
+# A shard being written starts the flush of what it has so far every this many bytes.
+_FLUSH_EVERY = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,34 @@ class SaveResult:
 
 def rng_file(rank: int) -> str:
     return f"rng/rank_{rank:05d}.pt"
+
+
+class _FlushingSink(HashingWriter):
+    """A hashing sink that also starts an fdatasync of the bytes written so far, every
+    _FLUSH_EVERY bytes, on the fsync thread: the disk then works while the rest of the shard is
+    serialized, and the final fsync only has the tail left (measured 0.25 -> 0.20 s for 200 MB)."""
+
+    def __init__(self, raw, hash_pool, fsync_pool):
+        super().__init__(raw, hash_pool)
+        self._fsync_pool = fsync_pool
+        self._flushing = None
+        self._flushed_at = 0
+
+    def write(self, data) -> int:
+        written = super().write(data)
+        if self.size - self._flushed_at >= _FLUSH_EVERY and (self._flushing is None or self._flushing.done()):
+            self.settle()
+            self._flushed_at = self.size
+            self._flushing = self._fsync_pool.submit(os.fdatasync, self._raw.fileno())
+        return written
+
+    def settle(self) -> None:
+        """Wait for the flush in flight and raise its error: before the file closes, because
+        its descriptor number could be reused, and because a writeback error reported here is
+        not reported again to the final fsync."""
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None:
+            flushing.result()
 
 
 class _RecordingWriter:
@@ -92,8 +123,11 @@ class _RecordingWriter:
             if self._hashing:
                 result = None
                 with open(path, "wb") as raw:
-                    sink = HashingWriter(raw, self._hash)
-                    torch.save(state_dict, sink, _use_new_zipfile_serialization=self._inner.zipfile_serialization)
+                    sink = _FlushingSink(raw, self._hash, self._fsync)
+                    try:
+                        torch.save(state_dict, sink, _use_new_zipfile_serialization=self._inner.zipfile_serialization)
+                    finally:
+                        sink.settle()
                 self.digests[str(path)] = (sink.size, sink.hexdigest())
                 self._pending.append((path, self._fsync.submit(fsync_file, path)))
             else:

@@ -116,6 +116,28 @@ def test_fallback_warns_with_file_name_then_errors_when_none_valid(tmp_path, cap
     assert find_resumable(tmp_path / "empty") is None
 
 
+def test_shard_hashed_while_written_matches_its_bytes(tmp_path, monkeypatch):
+    """The save path's sink (sha256 while torch.save writes, large blocks hashed on a thread,
+    interim fdatasyncs) must produce exactly the file's checksum; a flipped byte must not match."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gridtrain.train import checkpoint_save
+    from gridtrain.train.checkpoint_manifest import file_digest
+
+    shard = {"big": torch.randn(3, 2**20), "small": torch.arange(10), "step": 7}  # 12 MB: offloaded blocks
+    path = tmp_path / "shard.pt"
+    monkeypatch.setattr(checkpoint_save, "_FLUSH_EVERY", 2**20)
+    with ThreadPoolExecutor(1) as hash_pool, ThreadPoolExecutor(1) as fsync_pool:
+        with open(path, "wb") as raw:
+            sink = checkpoint_save._FlushingSink(raw, hash_pool, fsync_pool)
+            torch.save(shard, sink)
+            sink.settle()
+    assert (sink.size, sink.hexdigest()) == file_digest(path) and sink.size == path.stat().st_size
+    assert torch.equal(torch.load(path)["big"], shard["big"])
+    flip_byte(path)
+    assert file_digest(path)[1] != sink.hexdigest()
+
+
 def test_retention_keeps_last_k_and_every_mth(tmp_path):
     assert retention_victims([1, 2, 3, 4, 5], keep_last=2, keep_every=0) == [1, 2, 3]
     assert retention_victims([10, 20, 30, 40, 50], keep_last=2, keep_every=20) == [10, 30]
