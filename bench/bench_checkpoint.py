@@ -1,5 +1,5 @@
 """Checkpoint write throughput against this disk's sequential write speed, both measured here in
-the same run and the same folder: `dd`-style writes of zeros with fdatasync (the baseline) vs
+the same run and the same folder: `dd`-style writes of random bytes with fdatasync (the baseline) vs
 gridtrain's full save (DeepSpeed shards of 2 ZeRO-2 ranks + RNG + state, fsync, sha256 manifest,
 atomic publish). The training stall per save is the save's wall time: saving is synchronous.
 
