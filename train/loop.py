@@ -110,14 +110,13 @@ def build_data(cfg: RunConfig, ctx) -> tuple:
     from gridtrain.data.datasets import build_datasets, default_cache_dir
     from gridtrain.data.tokenizer import SentencePieceTokenizer
 
+    from gridtrain.launcher.preflight import check_inputs
+
     if not cfg.data.tokenizer:
         raise UserError("data.tokenizer=None: set it to the SentencePiece .model file the shards were made with")
+    # The same checks `gridtrain train` runs before spawning, for ranks started by srun/mpirun.
+    check_inputs(cfg)
     tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UserError(
-            f"model.vocab_size={cfg.model.vocab_size}: the tokenizer {cfg.data.tokenizer} has "
-            f"{tokenizer.vocab_size} tokens; set model.vocab_size to at least {tokenizer.vocab_size}"
-        )
     cache_dir = default_cache_dir(cfg.data, cfg.train.run_dir)
     train_data, valid_data, _ = build_datasets(cfg.data, run_samples(cfg), cache_dir, tokenizer)
     return train_data, valid_data
