@@ -20,7 +20,7 @@ from gridtrain.train.checkpoint_reshard import UNIVERSAL_KEY, convert, load_univ
 from gridtrain.train.checkpoint_rng import restore_rng_state
 from gridtrain.train.checkpoint_save import DS_TAG, SaveContext, SaveResult, note, rng_file, save_checkpoint
 from gridtrain.train.checkpoint_store import (
-    CheckpointError, candidates, choose_valid, list_checkpoints, remove_stale_temps)
+    BackgroundDeleter, CheckpointError, candidates, choose_valid, list_checkpoints, remove_stale_temps)
 from gridtrain.train.state import TrainState
 
 
@@ -69,6 +69,7 @@ class Checkpointer:
         self.last_result: SaveResult | None = None
         self._last_save_time = time.monotonic()
         self._universal_info: dict | None = None
+        self.deleter = BackgroundDeleter()  # retired checkpoints go on its thread (rank 0)
 
     # ---- saving -------------------------------------------------------------------------------
 
@@ -92,7 +93,8 @@ class Checkpointer:
         if self._universal_info is None:  # collective, once: how each parameter splits over TP
             model = self.cfg.model
             self._universal_info = universal_info(_ds(engine), model.vocab_size, model.num_layers)
-        result = save_checkpoint(_ds(engine), state, self.save_context, {UNIVERSAL_KEY: self._universal_info})
+        result = save_checkpoint(_ds(engine), state, self.save_context, {UNIVERSAL_KEY: self._universal_info},
+                                 deleter=self.deleter)
         self.last_saved_step = state.step
         self.last_result = result
         self._last_save_time = time.monotonic()

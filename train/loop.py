@@ -58,6 +58,7 @@ def run(cfg: RunConfig) -> int:
             finished = train(trainer)
     finally:
         if trainer is not None:
+            trainer.checkpointer.deleter.wait()  # retired checkpoints are gone when the run ends
             trainer.writer.close()
         groups.destroy()
     return 0 if finished else PREEMPTED_EXIT_CODE

@@ -129,6 +129,10 @@ def check_same_as_reference(ref_dir: Path, run_dir: Path) -> None:
             assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
     ref_streams, streams = sample_streams(ref_dir), sample_streams(run_dir)
     assert streams == ref_streams
+    # Retention (last 2, every 4th) deleted steps 2 and 6 on its background thread, finished by exit.
+    for folder in (ref_dir, run_dir):
+        assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == [
+            "latest", "step_00000004", "step_00000008", "step_00000010"]
     for step in range(STEPS):
         union = sorted({i for stream in ref_streams.values() for i in stream[step]})
         assert union == list(range(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)), (step, union)

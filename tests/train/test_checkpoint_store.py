@@ -20,8 +20,8 @@ from gridtrain.train.checkpoint_manifest import (
     build_manifest, digest_files, list_files, read_manifest, verify_checkpoint, write_text_atomic)
 from gridtrain.train.checkpoint_rng import capture_rng_state, restore_rng_state
 from gridtrain.train.checkpoint_store import (
-    CheckpointError, apply_retention, find_resumable, list_checkpoints, publish, read_latest,
-    remove_stale_temps, retention_victims, temp_path)
+    BackgroundDeleter, CheckpointError, apply_retention, find_resumable, list_checkpoints, publish,
+    read_latest, remove_stale_temps, retention_victims, retire, temp_path)
 from gridtrain.train.config import CheckpointConfig, TrainConfig
 from gridtrain.train.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from gridtrain.train.state import TrainState
@@ -148,6 +148,19 @@ def test_retention_keeps_last_k_and_every_mth(tmp_path):
     assert [p.name for p in deleted] == ["step_00000010", "step_00000030"]
     assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 40, 50]
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_retired_checkpoints_leave_the_published_set_at_once_and_are_deleted_in_the_background(tmp_path):
+    for step in (1, 2, 3):
+        fake_checkpoint(tmp_path, step)
+    deleter = BackgroundDeleter()
+    doomed = retire(tmp_path, keep_last=1, keep_every=0)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3]  # before any deletion ran
+    assert [p.name for p in doomed] == [".tmp-deleting-step_00000001", ".tmp-deleting-step_00000002"]
+    deleter.delete(doomed)
+    deleter.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000003"]
+    assert verify_checkpoint(tmp_path / "step_00000003") == []
 
 
 def checkpointer_for(tmp_path: Path, resume: str, overwrite: bool):
