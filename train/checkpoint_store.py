@@ -122,7 +122,7 @@ def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Pat
 class BackgroundDeleter:
     """Deletes retired checkpoints on one thread, off the training path, as torchtitan's purge
     thread does: unlinking a few hundred MB of shards took ~0.07 s here, a fifth of a save's stall,
-    and nothing waits for it. `wait()` returns once every deletion asked for is done; a save waits
+    and training has no need to wait for it. `wait()` returns once every deletion asked for is done; a save waits
     before it starts, so a small disk gets the space back before it is needed again."""
 
     def __init__(self):
