@@ -93,8 +93,8 @@ class Checkpointer:
         if self._universal_info is None:  # collective, once: how each parameter splits over TP
             model = self.cfg.model
             self._universal_info = universal_info(_ds(engine), model.vocab_size, model.num_layers)
-        result = save_checkpoint(_ds(engine), state, self.save_context, {UNIVERSAL_KEY: self._universal_info},
-                                 deleter=self.deleter)
+        result = save_checkpoint(_ds(engine), state, self.save_context, self.deleter,
+                                 {UNIVERSAL_KEY: self._universal_info})
         self.last_saved_step = state.step
         self.last_result = result
         self._last_save_time = time.monotonic()

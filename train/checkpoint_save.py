@@ -285,16 +285,14 @@ def _finish_on_rank0(tmp: Path, state: TrainState, ctx: SaveContext, entries: di
     return final, manifest["total_bytes"]
 
 
-def save_checkpoint(ds_engine, state: TrainState, ctx: SaveContext, client_state: dict | None = None,
-                    deleter: BackgroundDeleter | None = None) -> SaveResult:
+def save_checkpoint(ds_engine, state: TrainState, ctx: SaveContext, deleter: BackgroundDeleter,
+                    client_state: dict | None = None) -> SaveResult:
     """Collective: every rank calls it at the same step. Raises CheckpointError on every rank if
     any rank failed; then nothing was published and the previous checkpoint is intact.
     `client_state` goes into DeepSpeed's model-states files (the universal checkpoint info).
-    Retired checkpoints are deleted on `deleter`'s thread (by default, before returning)."""
+    Retired checkpoints are deleted on `deleter`'s thread; the next save waits for them."""
     start = time.perf_counter()
     rank, _ = rank_and_world()
-    background = deleter is not None
-    deleter = deleter or BackgroundDeleter()
     if rank == 0:
         deleter.wait()  # the previous save's deletions (long done in training): their space may be needed now
     tmp = temp_path(ctx.ckpt_dir, state.step)
@@ -320,8 +318,6 @@ def save_checkpoint(ds_engine, state: TrainState, ctx: SaveContext, client_state
             f"checkpoint save at step {state.step} into {ctx.ckpt_dir} failed ({'; '.join(failures[:3])}); "
             f"nothing was published and {kept}; free space there or set checkpoint.dir elsewhere")
     final, total = outcome
-    if not background:
-        deleter.wait()
     return SaveResult(path=Path(final), step=state.step, bytes=total, seconds=time.perf_counter() - start)
 
 
