@@ -69,7 +69,7 @@ def checkpointer(root: Path):
 
     from gridtrain.launcher.run_config import RunConfig
     from gridtrain.parallel.config import ParallelConfig
-    from gridtrain.train.checkpoint import Checkpointer
+    from gridtrain.train.checkpoint.checkpointer import Checkpointer
     from gridtrain.train.config import CheckpointConfig, TrainConfig
 
     world = dist.get_world_size()

@@ -11,7 +11,7 @@ from gridtrain.launcher.errors import UserError
 COMMAND_MODULES = (
     "gridtrain.launcher.commands",  # train, launch, env
     "gridtrain.data.commands",  # tokenizer, preprocess, data
-    "gridtrain.train.checkpoint_commands",  # checkpoint
+    "gridtrain.train.checkpoint.commands",  # checkpoint
     "gridtrain.launcher.demo",  # demo
 )
 

@@ -74,7 +74,7 @@ def seed_everything(seed: int) -> None:
 
 def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:
     from gridtrain.parallel.engine import build_engine
-    from gridtrain.train.checkpoint import Checkpointer
+    from gridtrain.train.checkpoint.checkpointer import Checkpointer
     from gridtrain.train.state import TrainState
 
     writer = build_metrics_writer(cfg.logging, cfg.train.run_dir, ctx.rank == 0, cfg.train.steps)

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from gridtrain.launcher.run_config import RunConfig
-from gridtrain.train import checkpoint_manifest as manifest_mod
-from gridtrain.train.checkpoint_manifest import (
+from gridtrain.train.checkpoint import manifest as manifest_mod
+from gridtrain.train.checkpoint.manifest import (
     build_manifest, digest_files, list_files, read_manifest, verify_checkpoint, write_text_atomic)
-from gridtrain.train.checkpoint_rng import capture_rng_state, restore_rng_state
-from gridtrain.train.checkpoint_store import (
+from gridtrain.train.checkpoint.rng import capture_rng_state, restore_rng_state
+from gridtrain.train.checkpoint.store import (
     BackgroundDeleter, CheckpointError, apply_retention, find_resumable, list_checkpoints, publish,
     read_latest, remove_stale_temps, retention_victims, retire, temp_path)
 from gridtrain.train.config import CheckpointConfig, TrainConfig
@@ -121,8 +121,8 @@ def test_shard_hashed_while_written_matches_its_bytes(tmp_path, monkeypatch):
     interim fdatasyncs) must produce exactly the file's checksum; a flipped byte must not match."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from gridtrain.train import checkpoint_save
-    from gridtrain.train.checkpoint_manifest import file_digest
+    from gridtrain.train.checkpoint import save as checkpoint_save
+    from gridtrain.train.checkpoint.manifest import file_digest
 
     shard = {"big": torch.randn(3, 2**20), "small": torch.arange(10), "step": 7}  # 12 MB: offloaded blocks
     path = tmp_path / "shard.pt"
@@ -164,7 +164,7 @@ def test_retired_checkpoints_leave_the_published_set_at_once_and_are_deleted_in_
 
 
 def checkpointer_for(tmp_path: Path, resume: str, overwrite: bool):
-    from gridtrain.train.checkpoint import Checkpointer
+    from gridtrain.train.checkpoint.checkpointer import Checkpointer
 
     cfg = RunConfig(train=TrainConfig(run_dir=str(tmp_path), resume=resume),
                     checkpoint=CheckpointConfig(overwrite=overwrite))
@@ -219,7 +219,7 @@ def test_inspect_cli_reports_and_imports_no_torch(tmp_path):
     for step in (4, 8):
         fake_checkpoint(tmp_path, step)
     flip_byte(tmp_path / "step_00000004" / "ds" / "mp_rank_00_model_states.pt")
-    code = ("import sys; from gridtrain.launcher.cli import build_parser; from gridtrain.train import checkpoint_commands as c;"
+    code = ("import sys; from gridtrain.launcher.cli import build_parser; from gridtrain.train.checkpoint import commands as c;"
             f" rc = c.inspect_command(build_parser().parse_args(['checkpoint', 'inspect', {str(tmp_path)!r}]));"
             " print('TORCH', 'torch' in sys.modules, 'RC', rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -235,7 +235,7 @@ def test_inspect_cli_reports_and_imports_no_torch(tmp_path):
 
 
 def test_time_interval_makes_a_save_due():
-    from gridtrain.train.checkpoint import Checkpointer
+    from gridtrain.train.checkpoint.checkpointer import Checkpointer
 
     cfg = RunConfig(checkpoint=CheckpointConfig(interval_steps=0, interval_minutes=1.0))
     ckpt = Checkpointer(cfg, SimpleNamespace(rank=0, world_size=1, tp=1, pp=1, dp=1))

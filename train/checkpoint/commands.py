@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from gridtrain.launcher.errors import UserError
-from gridtrain.train.checkpoint_manifest import MANIFEST_NAME, STATE_NAME, read_manifest, verify_checkpoint
-from gridtrain.train.checkpoint_store import list_checkpoints, read_latest
+from gridtrain.train.checkpoint.manifest import MANIFEST_NAME, STATE_NAME, read_manifest, verify_checkpoint
+from gridtrain.train.checkpoint.store import list_checkpoints, read_latest
 
 
 def register(subparsers) -> None:
@@ -146,7 +146,7 @@ def reshard_command(args) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           "--max-restarts=0", "-m", "gridtrain.train.checkpoint_reshard", fh.name]
+           "--max-restarts=0", "-m", "gridtrain.train.checkpoint.reshard", fh.name]
     try:
         proc = subprocess.run(cmd, env={"OMP_NUM_THREADS": "1", **os.environ})
     finally:

@@ -1,7 +1,7 @@
 """Checkpoints of real DeepSpeed engines on 2 gloo ranks: exact resume (bit-identical losses, with
 a negative control), corruption fallback naming the bad file, a full disk (small tmpfs) leaving the
 previous checkpoint intact, and stop-signal agreement. The expectations are asserted inside the
-worker (tests/train/test_checkpoint_workers/ds_checkpoint.py); here we check its report."""
+worker (tests/train/checkpoint/workers/ds_checkpoint.py); here we check its report."""
 import json
 import subprocess
 import tempfile
@@ -11,7 +11,7 @@ import pytest
 
 from multirank import launch
 
-WORKER = Path(__file__).parent / "test_checkpoint_workers" / "ds_checkpoint.py"
+WORKER = Path(__file__).parent / "workers" / "ds_checkpoint.py"
 
 
 def results(proc) -> list[dict]:

@@ -13,7 +13,7 @@ from gridtrain.launcher.run_config import RunConfig
 from gridtrain.model.config import ModelConfig
 from gridtrain.parallel import engine as engine_mod
 from gridtrain.parallel.config import ParallelConfig
-from gridtrain.train import checkpoint as checkpoint_mod
+from gridtrain.train.checkpoint import checkpointer as checkpoint_mod
 from gridtrain.train.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
 from gridtrain.train.loop import run
 

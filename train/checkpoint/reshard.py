@@ -13,8 +13,8 @@ import shutil
 from argparse import Namespace
 from pathlib import Path
 
-from gridtrain.train.checkpoint_collectives import all_gather_object, barrier, broadcast_object, rank_and_world
-from gridtrain.train.checkpoint_store import CheckpointError
+from gridtrain.parallel.collectives import all_gather_object, barrier, broadcast_object, rank_and_world
+from gridtrain.train.checkpoint.store import CheckpointError
 
 UNIVERSAL_KEY = "universal_checkpoint_info"
 # The word embedding and the untied head have the (TP-dependent padded) vocab as first dimension.
@@ -148,7 +148,7 @@ def reshard_rank(config_path: str) -> int:
     from gridtrain.launcher.config import load_config
     from gridtrain.parallel.engine import build_engine
     from gridtrain.parallel.groups import initialize
-    from gridtrain.train.checkpoint import Checkpointer
+    from gridtrain.train.checkpoint.checkpointer import Checkpointer
 
     cfg = load_config([config_path])
     ctx = initialize(cfg.parallel)

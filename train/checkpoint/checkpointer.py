@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from gridtrain.launcher.run_config import RunConfig
-from gridtrain.train.checkpoint_collectives import all_gather_object, any_rank, barrier, broadcast_object, rank_and_world
-from gridtrain.train.checkpoint_manifest import MANIFEST_NAME, STATE_NAME, read_manifest, verify_checkpoint
-from gridtrain.train.checkpoint_reshard import UNIVERSAL_KEY, convert, load_universal, universal_info, universal_workdir
-from gridtrain.train.checkpoint_rng import restore_rng_state
-from gridtrain.train.checkpoint_save import DS_TAG, SaveContext, SaveResult, note, rng_file, save_checkpoint
-from gridtrain.train.checkpoint_store import (
+from gridtrain.parallel.collectives import all_gather_object, any_rank, barrier, broadcast_object, rank_and_world
+from gridtrain.train.checkpoint.manifest import MANIFEST_NAME, STATE_NAME, read_manifest, verify_checkpoint
+from gridtrain.train.checkpoint.reshard import UNIVERSAL_KEY, convert, load_universal, universal_info, universal_workdir
+from gridtrain.train.checkpoint.rng import restore_rng_state
+from gridtrain.train.checkpoint.save import DS_TAG, SaveContext, SaveResult, note, rng_file, save_checkpoint
+from gridtrain.train.checkpoint.store import (
     BackgroundDeleter, CheckpointError, candidates, choose_valid, list_checkpoints, remove_stale_temps)
 from gridtrain.train.state import TrainState
 

@@ -16,7 +16,7 @@ import pytest
 from multirank import free_port, launch
 from tiny_corpus import build_tiny_corpus
 
-WORKER = Path(__file__).parent / "test_checkpoint_workers" / "run_loop.py"
+WORKER = Path(__file__).parent / "workers" / "run_loop.py"
 SENTENCES = ["the quick brown fox jumps over the lazy dog.", "seven cats sleep on the warm red roof.",
              "rain falls on the green hills every spring.", "a small model learns what it has seen."]
 STEPS, GLOBAL_BATCH = 10, 8
@@ -261,8 +261,8 @@ def test_reshard_zero3_dp2_to_dp1_continues_the_losses_and_other_targets_are_ref
 
     from gridtrain.launcher.config import load_config
     from gridtrain.parallel.groups import ParallelContext
-    from gridtrain.train.checkpoint import Checkpointer
-    from gridtrain.train.checkpoint_store import CheckpointError
+    from gridtrain.train.checkpoint.checkpointer import Checkpointer
+    from gridtrain.train.checkpoint.store import CheckpointError
 
     ref_cfg, ref_dir = write_config(tmp_path, corpus, "ref", tp=1, pp=1, zero=3)
     launch(WORKER, 2, [ref_cfg], timeout=300)

@@ -22,9 +22,9 @@ from torch import nn
 from gridtrain.launcher.run_config import RunConfig
 from gridtrain.parallel import groups
 from gridtrain.parallel.config import ParallelConfig
-from gridtrain.train.checkpoint import Checkpointer
-from gridtrain.train.checkpoint_manifest import verify_checkpoint
-from gridtrain.train.checkpoint_store import CheckpointError, read_latest
+from gridtrain.train.checkpoint.checkpointer import Checkpointer
+from gridtrain.train.checkpoint.manifest import verify_checkpoint
+from gridtrain.train.checkpoint.store import CheckpointError, read_latest
 from gridtrain.train.config import CheckpointConfig, TrainConfig
 from gridtrain.train.preemption import StopRequest
 from gridtrain.train.state import TrainState

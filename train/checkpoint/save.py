@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from gridtrain.train.checkpoint_collectives import all_gather_object, broadcast_object, rank_and_world
-from gridtrain.train.checkpoint_manifest import (
+from gridtrain.parallel.collectives import all_gather_object, broadcast_object, rank_and_world
+from gridtrain.train.checkpoint.manifest import (
     STATE_NAME, HashingWriter, build_manifest, digest_files, fsync_file, list_files, write_text_atomic)
-from gridtrain.train.checkpoint_rng import capture_rng_state
-from gridtrain.train.checkpoint_store import (
+from gridtrain.train.checkpoint.rng import capture_rng_state
+from gridtrain.train.checkpoint.store import (
     BackgroundDeleter, CheckpointError, publish, read_latest, retire, temp_path)
 from gridtrain.train.state import TrainState
 

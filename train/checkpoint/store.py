@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gridtrain.launcher.errors import UserError
-from gridtrain.train.checkpoint_manifest import fsync_dir, verify_checkpoint, write_text_atomic
+from gridtrain.train.checkpoint.manifest import fsync_dir, verify_checkpoint, write_text_atomic
 
 LATEST_NAME = "latest"
 _NAME_RE = re.compile(r"^step_(\d{8,})$")

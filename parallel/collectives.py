@@ -1,4 +1,4 @@
-"""The few collectives the checkpoint code needs, over the world group; each degrades to the
+"""The few world-group collectives outside the engine (checkpoints use them); each degrades to the
 single-process answer when no process group exists (tools, single-rank tests)."""
 import torch.distributed as dist
 

@@ -1,0 +1,1 @@
+"""gridtrain.train.checkpoint: saving, verifying, resuming and resharding checkpoints."""
