@@ -147,3 +147,16 @@ def test_failure_summary_and_exit_codes():
     crashed = {1: failure(1, 31, 1), 0: failure(75, 30, 2)}
     assert _exit_code(crashed) == 1 and "rank 1 (local rank 1, pid 31) failed: exit code 1" in describe_failures(crashed)
     assert _exit_code({0: failure(2, 40, 1), 1: failure(2, 41, 1)}) == 2
+
+
+def test_a_command_module_that_fails_to_import_fails_loudly(monkeypatch):
+    """A broken command module is an error at start-up, not a command that silently vanishes."""
+    import pytest
+
+    from gridtrain.launcher import cli
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", cli.COMMAND_MODULES + ("gridtrain.launcher.no_such_commands",))
+    with pytest.raises(ModuleNotFoundError, match="no_such_commands"):
+        cli.build_parser()
+    monkeypatch.undo()
+    assert "checkpoint" in cli.build_parser().format_help()  # negative control: the real list builds
