@@ -44,11 +44,6 @@ class StopRequest:
         if self.received is None:
             self.received = signum
 
-    def request(self) -> None:
-        """Ask for a stop from code (tests, a time limit) as if a signal had arrived."""
-        if self.received is None:
-            self.received = signal.SIGTERM
-
     @property
     def local(self) -> bool:
         return self.received is not None
