@@ -90,17 +90,16 @@ def preprocess_command(args) -> int:
 
 def data_index_command(args) -> int:
     quiet_library_warnings()
-    from gridtrain.data.datasets import build_datasets, default_cache_dir
+    from gridtrain.data.datasets import build_datasets, default_cache_dir, run_samples
     from gridtrain.data.tokenizer import SentencePieceTokenizer
     from gridtrain.launcher.commands import split_extra_args
     from gridtrain.launcher.config import load_config
-    from gridtrain.train.loop import run_samples  # the trainer's own counts: they key the caches
 
     configs, overrides = split_extra_args(args)
     cfg = load_config(configs, overrides)
     if not cfg.data.tokenizer:
         raise UserError("data.tokenizer=None: set the SentencePiece .model the shards were made with")
-    num_samples = run_samples(cfg)
+    num_samples = run_samples(cfg.train.steps, cfg.train.global_batch_size, cfg.train.eval_steps)
     cache_dir = default_cache_dir(cfg.data, cfg.train.run_dir)
     datasets = build_datasets(cfg.data, num_samples, cache_dir, SentencePieceTokenizer(cfg.data.tokenizer))
     sizes = ", ".join(f"{name} {len(d) if d is not None else 0}" for name, d in zip(("train", "valid", "test"), datasets))

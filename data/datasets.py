@@ -41,6 +41,15 @@ def parse_blend(blend) -> tuple[list[str], Optional[list[float]]]:
     return prefixes, (weights if len(prefixes) > 1 else None)
 
 
+def run_samples(steps: int, global_batch_size: int, eval_steps: int) -> tuple[int, int, int]:
+    """Samples a run asks of (train, valid, test): steps * global batch for training, and one fixed
+    validation set of eval_steps global batches (Megatron's eval-iters), reused at every evaluation
+    so validation losses compare across steps, and the same at any TP x PP x DP. The counts key
+    megatron-core's index caches, so `gridtrain data index` and the trainer both use this."""
+    eval_samples = eval_steps * global_batch_size
+    return steps * global_batch_size, eval_samples, eval_samples
+
+
 def gpt_dataset_config(cfg: DataConfig, cache_dir: str, tokenizer):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 

@@ -98,17 +98,9 @@ def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:
     )
 
 
-def run_samples(cfg: RunConfig) -> tuple[int, int, int]:
-    """Samples the run asks of (train, valid, test): steps * global batch for training, and one
-    fixed validation set of eval_steps global batches (Megatron's eval-iters), reused at every
-    evaluation so validation losses compare across steps, and the same at any TP x PP x DP."""
-    eval_samples = cfg.train.eval_steps * cfg.train.global_batch_size
-    return cfg.train.steps * cfg.train.global_batch_size, eval_samples, eval_samples
-
-
 def build_data(cfg: RunConfig, ctx) -> tuple:
     """Train and validation datasets sized by run_samples."""
-    from gridtrain.data.datasets import build_datasets, default_cache_dir
+    from gridtrain.data.datasets import build_datasets, default_cache_dir, run_samples
     from gridtrain.data.tokenizer import SentencePieceTokenizer
 
     from gridtrain.launcher.preflight import check_inputs
@@ -119,7 +111,8 @@ def build_data(cfg: RunConfig, ctx) -> tuple:
     check_inputs(cfg)
     tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
     cache_dir = default_cache_dir(cfg.data, cfg.train.run_dir)
-    train_data, valid_data, _ = build_datasets(cfg.data, run_samples(cfg), cache_dir, tokenizer)
+    samples = run_samples(cfg.train.steps, cfg.train.global_batch_size, cfg.train.eval_steps)
+    train_data, valid_data, _ = build_datasets(cfg.data, samples, cache_dir, tokenizer)
     return train_data, valid_data
 
 

@@ -130,7 +130,7 @@ def test_interrupted_cache_build_is_rebuilt(tmp_path, shard_prefix, tokenizer):
 def test_data_index_prebuilds_what_the_trainer_loads(tmp_path, shard_prefix, tokenizer_model, capsys):
     from gridtrain.launcher.cli import main
     from gridtrain.launcher.config import load_config
-    from gridtrain.train.loop import run_samples
+    from gridtrain.data.datasets import run_samples
 
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -142,7 +142,8 @@ def test_data_index_prebuilds_what_the_trainer_loads(tmp_path, shard_prefix, tok
     cache = tmp_path / "run" / "index-cache"
     before = sorted(os.listdir(cache))
     cfg = load_config([str(config)], ["--train.steps=30"])
-    train, valid, _ = build_datasets(cfg.data, run_samples(cfg), str(cache), SentencePieceTokenizer(tokenizer_model))
+    samples = run_samples(cfg.train.steps, cfg.train.global_batch_size, cfg.train.eval_steps)
+    train, valid, _ = build_datasets(cfg.data, samples, str(cache), SentencePieceTokenizer(tokenizer_model))
     assert isinstance(train.shuffle_index, np.memmap) and isinstance(valid.shuffle_index, np.memmap)  # loaded, not built
     assert sorted(os.listdir(cache)) == before
 
