@@ -118,8 +118,10 @@ def train_command(args) -> int:
         return 0
     from gridtrain.launcher.preflight import check_inputs
     from gridtrain.launcher.spawn import NodeSpec, RankFailed, spawn
+    from gridtrain.parallel.deepspeed_compat import check_deepspeed_version
     from gridtrain.train.preemption import PREEMPTED_EXIT_CODE
 
+    check_deepspeed_version()
     check_inputs(cfg)
 
     # Every rank reads this one file, so all ranks train the identical resolved config.

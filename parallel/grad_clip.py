@@ -13,9 +13,11 @@ at ZeRO-0, so no DP reduction is needed.
 import torch
 import torch.distributed as dist
 
+from gridtrain.parallel.deepspeed_compat import is_pipeline_tied_copy, record_global_grad_norm
+
 
 def counted_in_norm(param: torch.nn.Parameter, tp_rank: int) -> bool:
-    if getattr(param, "ds_pipe_replicated", False):
+    if is_pipeline_tied_copy(param):
         return False
     return bool(getattr(param, "tensor_model_parallel", False)) or tp_rank == 0
 
@@ -32,7 +34,7 @@ def global_grad_norm(params: list[torch.nn.Parameter], tp_rank: int, model_paral
 
 def install_clipping(optimizer: torch.optim.Optimizer, max_norm: float, mpu) -> None:
     """Before each optimizer.step(): compute the global norm, store it where DeepSpeed reads it
-    (optimizer._global_grad_norm -> engine.get_global_grad_norm()) and scale the gradients by
+    (read by engine.get_global_grad_norm()) and scale the gradients by
     max_norm / (norm + 1e-6) when that is below 1 (DeepSpeed's formula, so layouts using
     DeepSpeed's ZeRO clipping agree with this one)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -41,7 +43,7 @@ def install_clipping(optimizer: torch.optim.Optimizer, max_norm: float, mpu) -> 
 
     def clip(opt, args, kwargs):
         norm = global_grad_norm(params, tp_rank, group)
-        opt._global_grad_norm = norm.item()
+        record_global_grad_norm(opt, norm.item())
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for p in params:

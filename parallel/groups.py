@@ -136,6 +136,9 @@ def init_world(backend: str, timeout: timedelta) -> None:
 def initialize(parallel: ParallelConfig) -> ParallelContext:
     """Create the world group (if needed), megatron-core's TP/PP/DP groups and DeepSpeed's topology
     for `parallel`; raise if the two disagree. Call destroy() before initializing another layout."""
+    from gridtrain.parallel.deepspeed_compat import check_deepspeed_version
+
+    check_deepspeed_version()
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from megatron.core import parallel_state
@@ -191,7 +194,7 @@ def destroy(world: bool = True) -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if world and dist.is_initialized():
-        import deepspeed.comm.comm as ds_comm
+        from gridtrain.parallel.deepspeed_compat import forget_comm_backend
 
         dist.destroy_process_group()
-        ds_comm.cdb = None  # DeepSpeed caches the backend; drop it with the group it wraps
+        forget_comm_backend()

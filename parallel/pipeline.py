@@ -10,6 +10,7 @@ from torch import nn
 from gridtrain.launcher.run_config import RunConfig
 from gridtrain.model.decoder import LayerFactory, build_layer_factories
 from gridtrain.model.loss import lm_loss
+from gridtrain.parallel.deepspeed_compat import pipeline_module
 
 
 class FactorySpec(LayerSpec):
@@ -49,20 +50,6 @@ def pipeline_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor
     return lm_loss(logits, target, loss_mask)
 
 
-class GridPipelineModule(PipelineModule):
-    """DeepSpeed's PipelineModule, except that partition_method="parameters" balances analytic
-    per-layer parameter counts (gridtrain.parallel.memory_estimate) instead of DeepSpeed's
-    _count_layer_params, which builds every layer on every rank: with megatron-core's CPU
-    initialisation that is the whole model's full weights on each rank of a 70B run."""
-
-    def __init__(self, layer_counts: list[int], **kwargs):
-        self._layer_counts = list(layer_counts)  # read by _partition_layers inside __init__
-        super().__init__(**kwargs)
-
-    def _count_layer_params(self) -> list[int]:
-        return list(self._layer_counts)
-
-
 def layer_specs(cfg: RunConfig, tp: int) -> list[LayerSpec]:
     factories = build_layer_factories(cfg.model, tp, cfg.train.seed, cfg.data.reset_attention_mask)
     return [TiedFactorySpec(f) if f.tie_key else FactorySpec(f) for f in factories]
@@ -70,10 +57,12 @@ def layer_specs(cfg: RunConfig, tp: int) -> list[LayerSpec]:
 
 def build_pipeline_module(cfg: RunConfig, ctx) -> PipelineModule:
     """This stage's slice of the decoder. Micro-batch format for PipelineEngine:
-    ((tokens, position_ids, segment_ids), (labels, loss_mask)), all (B, T)."""
+    ((tokens, position_ids, segment_ids), (labels, loss_mask)), all (B, T). partition_method
+    "parameters" balances the analytic per-layer counts (gridtrain.parallel.memory_estimate), so no
+    rank builds a layer it does not own."""
     from gridtrain.parallel.memory_estimate import layer_parameters_per_tp_rank
 
-    return GridPipelineModule(
+    return pipeline_module(
         layer_counts=layer_parameters_per_tp_rank(cfg.model, ctx.tp),
         layers=layer_specs(cfg, ctx.tp),
         topology=ctx.topology,

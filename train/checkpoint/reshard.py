@@ -5,12 +5,11 @@ At save time every rank adds `universal_checkpoint_info` to DeepSpeed's client s
 parameter is split over TP (replicated, row-parallel = concatenated along dim 1, vocab-padded,
 otherwise dim 0), read from megatron-core's own parameter attributes and merged over all ranks so
 every stage's parameters are described. At resume, if the saved layout differs, rank 0 converts the
-checkpoint's DeepSpeed files with deepspeed.checkpoint.ds_to_universal (in process, cached next to
-the run's checkpoints), and every rank loads its new shard from it with DeepSpeed's
+checkpoint's DeepSpeed files with DeepSpeed's ds_to_universal (in process, cached next to the
+run's checkpoints), and every rank loads its new shard from it with DeepSpeed's
 load_universal path. No offline step for the user."""
 import re
 import shutil
-from argparse import Namespace
 from pathlib import Path
 
 from gridtrain.parallel.collectives import all_gather_object, barrier, broadcast_object, rank_and_world
@@ -54,40 +53,17 @@ def universal_workdir(ckpt_dir: Path, source: Path) -> Path:
     return Path(ckpt_dir) / f".tmp-universal-{source.name}"
 
 
-def _converter_input(source_ds: Path, scratch: Path) -> Path:
-    """ds_to_universal copies every `module` state-dict entry and fails on the None values that
-    megatron-core layers store as `_extra_state`: give it the model-states files without those
-    entries (re-saved) and every other file as a symlink."""
-    import torch
-
-    scratch.mkdir(parents=True)
-    for path in sorted(source_ds.iterdir()):
-        target = scratch / path.name
-        if not path.name.startswith("mp_rank_"):
-            target.symlink_to(path.resolve())
-            continue
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if isinstance(state.get("module"), dict):
-            state["module"] = {k: v for k, v in state["module"].items() if v is not None}
-        torch.save(state, target)
-    return scratch
-
-
 def convert(source: Path, out: Path, ds_tag: str) -> None:
     """Rank 0 converts `<source>/<ds_tag>` into `<out>/<ds_tag>`; all ranks wait. Any failure of
     the conversion becomes one CheckpointError on every rank (no rank is left waiting)."""
+    from gridtrain.parallel.deepspeed_compat import ds_to_universal
+
     error = None
     if rank_and_world()[0] == 0:
         tmp = out.with_name(out.name + "-partial")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-            source_ds = _converter_input(source / ds_tag, tmp / "input")
-            args = Namespace(input_folder=str(source_ds), output_folder=str(tmp / "out" / ds_tag),
-                             num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                             strict=True, inject_missing_state=False)
-            ds_to_universal(args)
+            ds_to_universal(source / ds_tag, tmp / "out" / ds_tag, scratch=tmp / "input")
             shutil.rmtree(out, ignore_errors=True)
             (tmp / "out").rename(out)
         except Exception as exc:  # noqa: BLE001 - a third-party converter; report, never hang peers
@@ -101,43 +77,15 @@ def convert(source: Path, out: Path, ds_tag: str) -> None:
 
 
 def load_universal(ds_engine, universal: Path, ds_tag: str) -> None:
-    """Load a universal checkpoint into an engine of any layout (ZeRO 1-3 or pipeline + ZeRO-1):
-    DeepSpeed reads the flag from its config at load time, so it is switched on just for this."""
+    """Load a universal checkpoint into an engine of any layout (ZeRO 1-3 or pipeline + ZeRO-1)."""
+    from gridtrain.parallel.deepspeed_compat import load_universal as load
+
     if not ds_engine.zero_optimization() and not ds_engine.bfloat16_enabled():
         raise CheckpointError(
             "resuming under another layout needs a ZeRO optimizer (parallel.zero_stage >= 1) in the new "
             "run: DeepSpeed restores universal checkpoints only into ZeRO / bf16 optimizers")
-    config = ds_engine._config
-    zero3 = ds_engine.zero_optimization_partition_weights()
-    groups = ds_engine.optimizer.param_groups if zero3 else []
-    hyper = [{k: v for k, v in group.items() if k != "params"} for group in groups]
-    config.load_universal_checkpoint = True
-    try:
-        load_path, _ = ds_engine.load_checkpoint(str(universal), tag=ds_tag, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=False)
-    finally:
-        config.load_universal_checkpoint = False
-    if load_path is None:
+    if not load(ds_engine, universal, ds_tag):
         raise CheckpointError(f"{universal}: DeepSpeed found no universal checkpoint under {ds_tag}")
-    if zero3:
-        _repair_zero3_universal_load(ds_engine, groups, hyper)
-
-
-def _repair_zero3_universal_load(ds_engine, groups: list, hyper: list) -> None:
-    """DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py,
-    load_hp_checkpoint_state_from_checkpoint_dir_stage3) leaves two faults that make the resumed
-    run drift from the saved one (relative loss error 3.6e-3 by step 10 in the test):
-    - it copies param_groups[0]'s hyperparameters into every group, so the no-decay group (norms)
-      gets weight decay: the groups are this run's own (same model and optim config), put them back;
-    - it gives every sub-group's Adam state the same `step` tensor object, which torch's Adam
-      increments in place once per sub-group, so bias correction runs ahead: give each its own."""
-    import torch
-
-    for group, saved in zip(groups, hyper):
-        group.update(saved)
-    for state in ds_engine.optimizer.optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
 
 
 def reshard_rank(config_path: str) -> int:

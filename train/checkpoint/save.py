@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from gridtrain.parallel.collectives import all_gather_object, broadcast_object, rank_and_world
 from gridtrain.train.checkpoint.manifest import (
     STATE_NAME, HashingWriter, build_manifest, digest_files, fsync_file, list_files, write_text_atomic)
 from gridtrain.train.checkpoint.rng import capture_rng_state
+from gridtrain.parallel.deepspeed_compat import is_torch_checkpoint_engine, writes_through
 from gridtrain.train.checkpoint.store import (
     BackgroundDeleter, CheckpointError, publish, read_latest, retire, temp_path)
 from gridtrain.train.state import TrainState
@@ -109,7 +109,7 @@ class _RecordingWriter:
         self.paths: list[str] = []
         self.digests: dict[str, tuple[int, str]] = {}
         self.error: str | None = None
-        self._hashing = type(inner) is TorchCheckpointEngine
+        self._hashing = is_torch_checkpoint_engine(inner)
         self._fsync = ThreadPoolExecutor(max_workers=1) if self._hashing else None
         self._hash = ThreadPoolExecutor(max_workers=1) if self._hashing else None
         self._pending = []
@@ -198,22 +198,14 @@ def _deepspeed_save(ds_engine, tmp: Path, client_state: dict) -> _RecordingWrite
     """DeepSpeed's own save into <tmp>/ds on this rank; returns the writer, which holds the files
     written, their digests when hashed on the way, and the error if any."""
     writer = _RecordingWriter(ds_engine.checkpoint_engine)
-    original_copy = ds_engine._copy_recovery_script
 
-    def guarded_copy(save_path):
-        # Rank 0 copies zero_to_fp32.py with plain file I/O, outside the checkpoint engine.
-        try:
-            original_copy(save_path)
-        except OSError as exc:
-            writer.error = writer.error or _describe_write_error(save_path, exc)
+    def copy_failed(save_path, exc: OSError) -> None:
+        writer.error = writer.error or _describe_write_error(save_path, exc)
 
-    ds_engine.checkpoint_engine = writer
-    ds_engine._copy_recovery_script = guarded_copy
     try:
-        ds_engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=client_state, save_latest=False)
+        with writes_through(ds_engine, writer, copy_failed):
+            ds_engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state=client_state, save_latest=False)
     finally:
-        ds_engine.checkpoint_engine = writer._inner
-        del ds_engine._copy_recovery_script
         writer.wait_durable()
     return writer
 

@@ -252,7 +252,7 @@ def check_resharded_run(ref_dir: Path, run_dir: Path, proc, what: str, steps: in
 
 def test_reshard_zero3_dp2_to_dp1_continues_the_losses_and_other_targets_are_refused(tmp_path, corpus):
     """A DP=2 ZeRO-3 checkpoint resumed at DP=1 ZeRO-3 continues the losses. Without the repair of
-    DeepSpeed's ZeRO-3 universal load (checkpoint_reshard._repair_zero3_universal_load) the worst
+    DeepSpeed's ZeRO-3 universal load (parallel.deepspeed_compat._repair_zero3_universal_load) the worst
     relative loss error was 3.6e-3 (out from step 6); with only the weight-decay half of it, 3.6e-3;
     with only the Adam-step half, 2.5e-5 (out at step 7): each half is caught by the tolerance.
     Layouts DeepSpeed cannot load it into (ZeRO-1, or ZeRO-3 at TP=2) are refused with one line

@@ -1,0 +1,184 @@
+"""Every use of DeepSpeed's internals, and every repair of its behaviour, in one place. Each was
+read and tested against DeepSpeed 0.19.8, the only version gridtrain accepts (pyproject pins it,
+and `check_deepspeed_version` refuses another at start-up): private attributes and undocumented
+behaviour change between releases without notice.
+
+DeepSpeed is imported inside the functions, so importing this module (the version check does)
+costs nothing."""
+import functools
+from contextlib import contextmanager
+from importlib import metadata
+
+from gridtrain.launcher.errors import UserError
+
+SUPPORTED_DEEPSPEED = "0.19.8"
+
+
+def version_problem(installed: str | None) -> str | None:
+    """One line if `installed` (None: not installed) is not the supported DeepSpeed, else None."""
+    if installed == SUPPORTED_DEEPSPEED:
+        return None
+    found = f"deepspeed {installed} is installed" if installed else "deepspeed is not installed"
+    return (f"{found}; gridtrain supports deepspeed {SUPPORTED_DEEPSPEED} only (its uses of DeepSpeed "
+            f"internals were checked against it): pip install deepspeed=={SUPPORTED_DEEPSPEED}")
+
+
+def check_deepspeed_version() -> None:
+    """Raise UserError unless the supported DeepSpeed is installed (reads package metadata only)."""
+    try:
+        installed = metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        installed = None
+    problem = version_problem(installed)
+    if problem:
+        raise UserError(problem)
+
+
+# ---- checkpoint writing ------------------------------------------------------------------------
+
+def is_torch_checkpoint_engine(checkpoint_engine) -> bool:
+    """Whether DeepSpeed writes through its plain torch.save engine (TorchCheckpointEngine, the
+    default without Nebula / fast writers), which gridtrain may then replace by an equivalent
+    writer. Exact type: a subclass may write differently."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    return type(checkpoint_engine) is TorchCheckpointEngine
+
+
+@contextmanager
+def writes_through(ds_engine, writer, on_copy_error):
+    """For the duration of one save_checkpoint, route DeepSpeed's file writes through `writer`.
+    DeepSpeed 0.19.8 writes every model/optimizer file through `engine.checkpoint_engine.save`,
+    except rank 0's copy of zero_to_fp32.py (`engine._copy_recovery_script`, plain file I/O),
+    whose OSError is handed to `on_copy_error` instead of leaving the other ranks' collectives
+    unmatched."""
+    inner = ds_engine.checkpoint_engine
+    original_copy = ds_engine._copy_recovery_script
+
+    def guarded_copy(save_path):
+        try:
+            original_copy(save_path)
+        except OSError as exc:
+            on_copy_error(save_path, exc)
+
+    ds_engine.checkpoint_engine = writer
+    ds_engine._copy_recovery_script = guarded_copy
+    try:
+        yield inner
+    finally:
+        ds_engine.checkpoint_engine = inner
+        del ds_engine._copy_recovery_script  # the instance attribute shadowed the bound method
+
+
+# ---- universal checkpoints (resuming under another layout) -------------------------------------
+
+def ds_to_universal(source_ds, output, scratch) -> None:
+    """deepspeed.checkpoint.ds_to_universal of the DeepSpeed folder `source_ds` into `output`.
+    0.19.8's converter copies every `module` state-dict entry and fails on the None values that
+    megatron-core layers store as `_extra_state`: it reads model-states files re-saved without
+    them (in `scratch`) and every other file through a symlink."""
+    from argparse import Namespace
+    from pathlib import Path
+
+    import torch
+    from deepspeed.checkpoint.ds_to_universal import main as convert
+
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True)
+    for path in sorted(Path(source_ds).iterdir()):
+        target = scratch / path.name
+        if not path.name.startswith("mp_rank_"):
+            target.symlink_to(path.resolve())
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(state.get("module"), dict):
+            state["module"] = {k: v for k, v in state["module"].items() if v is not None}
+        torch.save(state, target)
+    convert(Namespace(input_folder=str(scratch), output_folder=str(output), num_extract_workers=1,
+                      num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+
+
+def load_universal(ds_engine, universal, tag: str) -> bool:
+    """Load a universal checkpoint into `ds_engine` (ZeRO 1-3, or pipeline + ZeRO-1); False if
+    DeepSpeed found nothing under `tag`. 0.19.8 reads the universal flag from the engine's config
+    object at load time (`engine._config.load_universal_checkpoint`), so it is set just for this."""
+    config = ds_engine._config
+    zero3 = ds_engine.zero_optimization_partition_weights()
+    groups = ds_engine.optimizer.param_groups if zero3 else []
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in groups]
+    config.load_universal_checkpoint = True
+    try:
+        load_path, _ = ds_engine.load_checkpoint(str(universal), tag=tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
+    finally:
+        config.load_universal_checkpoint = False
+    if load_path is None:
+        return False
+    if zero3:
+        _repair_zero3_universal_load(ds_engine, groups, hyper)
+    return True
+
+
+def _repair_zero3_universal_load(ds_engine, groups: list, hyper: list) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py,
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3) leaves two faults that make the resumed
+    run drift from the saved one (relative loss error 3.6e-3 by step 10 in the test):
+    - it copies param_groups[0]'s hyperparameters into every group, so the no-decay group (norms)
+      gets weight decay: the groups are this run's own (same model and optim config), put them back;
+    - it gives every sub-group's Adam state the same `step` tensor object, which torch's Adam
+      increments in place once per sub-group, so bias correction runs ahead: give each its own."""
+    import torch
+
+    for group, saved in zip(groups, hyper):
+        group.update(saved)
+    for state in ds_engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def record_global_grad_norm(optimizer, norm: float) -> None:
+    """Where DeepSpeed 0.19.8's engine.get_global_grad_norm() reads a client optimizer's norm
+    (`optimizer._global_grad_norm`), for the fp32 ZeRO-0 path where gridtrain clips itself."""
+    optimizer._global_grad_norm = norm
+
+
+def is_pipeline_tied_copy(param) -> bool:
+    """Whether `param` belongs to a module DeepSpeed's PipelineModule ties across stages (0.19.8
+    marks those parameters `ds_pipe_replicated`): each stage holding it has a copy."""
+    return bool(getattr(param, "ds_pipe_replicated", False))
+
+
+@functools.cache
+def _counted_pipeline_module():
+    from deepspeed.pipe import PipelineModule
+
+    class CountedPipelineModule(PipelineModule):
+        """PipelineModule whose partition_method="parameters" balances given per-layer counts.
+        0.19.8's `_count_layer_params` (called inside __init__ by `_partition_layers`) builds every
+        layer on every rank to count it: with megatron-core's CPU initialisation that is the whole
+        model's full weights on each rank of a 70B run."""
+
+        def __init__(self, layer_counts: list[int], **kwargs):
+            self._layer_counts = list(layer_counts)  # read inside super().__init__
+            super().__init__(**kwargs)
+
+        def _count_layer_params(self) -> list[int]:
+            return list(self._layer_counts)
+
+    return CountedPipelineModule
+
+
+def pipeline_module(layer_counts: list[int], **kwargs):
+    """A DeepSpeed PipelineModule(**kwargs) partitioned by `layer_counts` instead of built layers."""
+    return _counted_pipeline_module()(layer_counts, **kwargs)
+
+
+def forget_comm_backend() -> None:
+    """deepspeed.comm caches the backend wrapping the world group (`deepspeed.comm.comm.cdb`);
+    after the group is destroyed it must be dropped, or the next init_distributed reuses it."""
+    import deepspeed.comm.comm as ds_comm
+
+    ds_comm.cdb = None
+
