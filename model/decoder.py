@@ -12,10 +12,9 @@ from gridtrain.model.config import ModelConfig
 from gridtrain.model.embedding import Embedding
 from gridtrain.model.head import LMHead, tied_head_forward
 from gridtrain.model.init import layer_rng
+from gridtrain.model.naming import EMBEDDING, EMBEDDING_VOCAB_KEY, TIE_KEY, block_index, final_norm_index, head_index
 from gridtrain.model.norms import build_norm
 from gridtrain.model.tp_config import build_parallel_config
-
-TIE_KEY = "embed"
 
 
 @dataclass(frozen=True)
@@ -51,27 +50,31 @@ def _seeded(seed: int, index: int, make: Callable[[], nn.Module]) -> nn.Module:
 
 
 def build_layer_factories(cfg: ModelConfig, tp_size: int, seed: int, segment_mask: bool = False) -> list[LayerFactory]:
-    """[embedding, block_0 .. block_{L-1}, final_norm, head]. Factory i seeds its weights from
-    (seed, i); the tied gpt2 head reuses the embedding's build (same module, same seed).
-    Building the TP layers needs megatron.core.parallel_state initialised (gridtrain.parallel)."""
+    """[embedding, block_0 .. block_{L-1}, final_norm, head], at the indices gridtrain.model.naming
+    defines. Factory i seeds its weights from (seed, i); the tied gpt2 head reuses the embedding's
+    build (same module, same seed). Building the TP layers needs megatron.core.parallel_state
+    initialised (gridtrain.parallel)."""
     mp = build_parallel_config(tp_size)
-    embed_build = partial(_seeded, seed, 0, partial(Embedding, cfg, mp, tp_size))
-    tie = dict(tie_key=TIE_KEY, tied_weight_attr="word.weight") if cfg.tied else {}
+    layers = cfg.num_layers
+    embed_build = partial(_seeded, seed, EMBEDDING, partial(Embedding, cfg, mp, tp_size))
+    tie = dict(tie_key=TIE_KEY, tied_weight_attr=EMBEDDING_VOCAB_KEY) if cfg.tied else {}
     factories = [LayerFactory("embedding", embed_build, **tie)]
-    for i in range(cfg.num_layers):
-        factories.append(LayerFactory(f"block_{i}", partial(_seeded, seed, i + 1, partial(Block, cfg, mp, segment_mask))))
-    head_index = cfg.num_layers + 2
-    factories.append(LayerFactory("final_norm", partial(_seeded, seed, head_index - 1, partial(FinalNorm, cfg))))
+    for i in range(layers):
+        build_block = partial(Block, cfg, mp, segment_mask)
+        factories.append(LayerFactory(f"block_{i}", partial(_seeded, seed, block_index(i), build_block)))
+    factories.append(LayerFactory("final_norm", partial(_seeded, seed, final_norm_index(layers), partial(FinalNorm, cfg))))
     if cfg.tied:
         factories.append(LayerFactory("head", embed_build, forward_fn=tied_head_forward, **tie))
     else:
-        factories.append(LayerFactory("head", partial(_seeded, seed, head_index, partial(LMHead, cfg, mp, tp_size))))
+        build_head = partial(LMHead, cfg, mp, tp_size)
+        factories.append(LayerFactory("head", partial(_seeded, seed, head_index(layers), build_head)))
     return factories
 
 
 class Decoder(nn.Module):
     """The whole decoder on one pipeline stage. Parameter names match DeepSpeed's PipelineModule
-    over the same factories: "<layer index>.<param>" and "tied_modules.embed.<param>"."""
+    over the same factories (gridtrain.model.naming): "<layer index>.<key>", and
+    "tied_modules.embed.<key>" for a tied embedding."""
 
     def __init__(self, cfg: ModelConfig, tp_size: int, seed: int, segment_mask: bool = False):
         super().__init__()

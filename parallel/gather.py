@@ -1,6 +1,6 @@
 """The full, layout-free weights of a training run, gathered from TP / PP / ZeRO-3 shards.
 
-Names are the PP=1 Decoder's ("<layer index>.<param>", "tied_modules.embed.<param>"), tensors
+Names are the PP=1 Decoder's (gridtrain.model.naming), tensors
 are the full unsharded fp32 weights with Megatron's vocab padding removed (the padding depends on
 TP), so the result is the same for the same model whatever layout trained it.
 """
@@ -9,8 +9,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-# Parameters whose first dimension is the (padded) vocab: the word embedding and the untied head.
-VOCAB_PARAM_SUFFIXES = ("word.weight", "proj.weight")
+from gridtrain.model.naming import is_vocab_parameter
 
 
 def zero3_gathered(module: torch.nn.Module):
@@ -37,20 +36,18 @@ def tp_full(param: torch.Tensor, ctx) -> torch.Tensor:
     return torch.cat(shards, dim=param.partition_dim)
 
 
-def strip_vocab_padding(name: str, tensor: torch.Tensor, vocab_size: int, head_layer: str) -> torch.Tensor:
-    in_vocab_layer = name.startswith(("0.", "tied_modules.", f"{head_layer}."))
-    if in_vocab_layer and name.endswith(VOCAB_PARAM_SUFFIXES):
+def strip_vocab_padding(name: str, tensor: torch.Tensor, vocab_size: int, num_layers: int) -> torch.Tensor:
+    if is_vocab_parameter(name, num_layers):
         return tensor[:vocab_size].clone()
     return tensor
 
 
 def stage_state_dict(module: torch.nn.Module, ctx, vocab_size: int, num_layers: int) -> dict:
     """This pipeline stage's parameters, full over TP and ZeRO-3. Collective over TP and DP."""
-    head_layer = str(num_layers + 2)
     out = {}
     with zero3_gathered(module):
         for name, param in module.named_parameters():
-            out[name] = strip_vocab_padding(name, tp_full(param, ctx), vocab_size, head_layer)
+            out[name] = strip_vocab_padding(name, tp_full(param, ctx), vocab_size, num_layers)
     return out
 
 

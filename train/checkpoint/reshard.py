@@ -12,28 +12,26 @@ import re
 import shutil
 from pathlib import Path
 
+from gridtrain.model.naming import is_vocab_parameter
 from gridtrain.parallel.collectives import all_gather_object, barrier, broadcast_object, rank_and_world
 from gridtrain.train.checkpoint.store import CheckpointError
 
 UNIVERSAL_KEY = "universal_checkpoint_info"
-# The word embedding and the untied head have the (TP-dependent padded) vocab as first dimension.
-_VOCAB_SUFFIXES = ("word.weight", "proj.weight")
 
 
-def _param_kind(name: str, param, vocab_layers: tuple) -> str:
+def _param_kind(name: str, param, num_layers: int) -> str:
     if not getattr(param, "tensor_model_parallel", False):
         return "replicated"
     if getattr(param, "partition_dim", 0) == 1:
         return "row"
-    if name.startswith(vocab_layers) and name.endswith(_VOCAB_SUFFIXES):
+    if is_vocab_parameter(name, num_layers):
         return "vocab"
     return "column"
 
 
 def universal_info(ds_engine, vocab_size: int, num_layers: int) -> dict:
     """DeepSpeed's universal_checkpoint_info for this model, identical on every rank. Collective."""
-    vocab_layers = ("0.", "tied_modules.", f"{num_layers + 2}.")
-    local = {name: _param_kind(name, p, vocab_layers) for name, p in ds_engine.module.named_parameters()}
+    local = {name: _param_kind(name, p, num_layers) for name, p in ds_engine.module.named_parameters()}
     kinds = {}
     for part in all_gather_object(local):
         kinds.update(part)

@@ -208,6 +208,8 @@ def check_reshard_command(tmp_path: Path, source: Path) -> None:
     files hold exactly the source's fp32 weights; a bad flag is one line, exit 2."""
     import torch
 
+    from gridtrain.model.naming import parameter_name
+
     out = tmp_path / "pp2-native"
     cli = [sys.executable, "-m", "gridtrain.launcher.cli", "checkpoint"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -222,7 +224,7 @@ def check_reshard_command(tmp_path: Path, source: Path) -> None:
         index = int(path.name.split("_")[1].split("-")[0])
         for key, tensor in torch.load(path, map_location="cpu", weights_only=False).items():
             if tensor is not None:
-                layers[f"{index}.{key}"] = tensor
+                layers[parameter_name(index, key, num_layers=2, tied=False)] = tensor
     weights = {k: v for k, v in saved.items() if v is not None}
     assert sorted(layers) == sorted(weights)
     assert all(torch.equal(layers[k], weights[k]) for k in weights)
