@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 WIDTH, DEPTH = 2048, 6  # ~25M parameters: ~0.4 GB checkpoint with Adam moments and fp32 master
 REPEATS = 5
@@ -67,15 +66,13 @@ def build_engine():
 def checkpointer(root: Path):
     import torch.distributed as dist
 
-    from gridtrain.launcher.run_config import RunConfig
-    from gridtrain.parallel.config import ParallelConfig
-    from gridtrain.train.checkpoint.checkpointer import Checkpointer
-    from gridtrain.train.config import CheckpointConfig, TrainConfig
+    from gridtrain.parallel.layout import Layout
+    from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord
+    from gridtrain.train.config import CheckpointConfig
 
     world = dist.get_world_size()
-    cfg = RunConfig(parallel=ParallelConfig(zero_stage=2), train=TrainConfig(run_dir=str(root)),
-                    checkpoint=CheckpointConfig(dir=str(root / "checkpoints"), keep_last=1))
-    return Checkpointer(cfg, SimpleNamespace(rank=dist.get_rank(), world_size=world, tp=1, pp=1, dp=world))
+    layout = Layout(tp=1, pp=1, dp=world, zero_stage=2, micro_batch_size=1, global_batch_size=world)
+    return Checkpointer(CheckpointConfig(keep_last=1), layout, RunRecord(ckpt_dir=root / "checkpoints"))
 
 
 def worker() -> int:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from single_rank import single_rank_env
+from single_rank import single_rank_env, start_engine
 
 VOCAB, HIDDEN, LAYERS, HEADS, SEQ, MICRO, ACCUM = 8000, 256, 4, 8, 256, 4, 2
 WARMUP_STEPS, TIMED_STEPS = 2, 6
@@ -66,7 +66,7 @@ class PlainLoop:
 
         self.cfg = cfg
         self.model = Decoder(cfg.model, 1, cfg.train.seed)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
 
     def train_step(self, batches: list[dict]) -> float:
         from gridtrain.model.loss import lm_loss
@@ -93,12 +93,11 @@ def measure_overhead() -> dict:
     """Median wall and CPU seconds per step of TrainEngine and of the plain loop, alternating."""
     single_rank_env()
     from gridtrain.parallel import groups
-    from gridtrain.parallel.engine import build_engine
 
     model = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS, num_attention_heads=HEADS)
     cfg = run_config(model, zero_stage=0, global_batch=MICRO * ACCUM, micro=MICRO)
-    ctx = groups.initialize(cfg.parallel)
-    engine, plain = build_engine(cfg, ctx), PlainLoop(cfg)
+    _, engine = start_engine(cfg)
+    plain = PlainLoop(cfg)
     batches = synthetic_batches(ACCUM, MICRO)
     runs = {"gridtrain": lambda b: engine.train_step(iter(b)), "plain": plain.train_step}
     times = {name: [] for name in runs}
@@ -161,11 +160,9 @@ def optimizer_tensors(ds_engine) -> tuple[list, list]:
 
 def measure_zero_stage(stage: int) -> dict:
     from gridtrain.parallel import groups
-    from gridtrain.parallel.engine import build_engine
 
     cfg = run_config(MEMORY_MODEL, zero_stage=stage, global_batch=8, micro=2, seq=64)
-    ctx = groups.initialize(cfg.parallel)
-    engine = build_engine(cfg, ctx)
+    _, engine = start_engine(cfg)
     ds = engine.ds_engine
     peak_grads = [0]
     original_step = ds.step

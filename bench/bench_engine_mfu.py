@@ -11,7 +11,7 @@ import sys
 import time
 
 import torch
-from single_rank import single_rank_env
+from single_rank import single_rank_env, start_engine
 
 HIDDEN, LAYERS, HEADS, VOCAB, SEQ, MICRO = 512, 4, 8, 8192, 256, 4
 WARMUP_STEPS, TIMED_STEPS = 2, 5
@@ -167,13 +167,11 @@ def report(cfg, peak: dict, step_times: tuple[list[float], list[float]], phases:
 
 def main() -> int:
     single_rank_env()
-    from gridtrain.parallel.engine import build_engine
-    from gridtrain.parallel.groups import destroy, initialize
+    from gridtrain.parallel.groups import destroy
     from gridtrain.train.metrics import measure_matmul_flops
 
     cfg = run_config()
-    ctx = initialize(cfg.parallel)
-    engine = build_engine(cfg, ctx)
+    ctx, engine = start_engine(cfg)
     batches = synthetic_batches()
     peak = {n: measure_matmul_flops(ctx.device, size=n, seconds=1.0) for n in PEAK_SIZES}
     step_times = time_train_steps(engine, batches)

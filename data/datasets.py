@@ -10,34 +10,24 @@ import json
 import os
 from typing import Optional
 
-from gridtrain.data.config import DataConfig
+from gridtrain.data.config import DataConfig, blend_problems, missing_shard_problems
 from gridtrain.launcher.errors import ConfigError
 
 MANIFEST = "gridtrain-cache-manifest.json"
 
 
 def parse_blend(blend) -> tuple[list[str], Optional[list[float]]]:
-    """data.blend ([[weight, prefix], ...] or a single prefix string) -> (prefixes, weights).
-    Weights are None for a single prefix, which megatron-core then samples directly."""
-    if isinstance(blend, str):
-        blend = [[1.0, blend]]
-    problems, prefixes, weights = [], [], []
-    for i, entry in enumerate(blend or ()):
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-            problems.append((f"data.blend[{i}]", entry, "give a [weight, prefix] pair"))
-            continue
-        weight, prefix = entry
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-            problems.append((f"data.blend[{i}].weight", weight, "use a positive number"))
-        if not isinstance(prefix, str) or not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
-            problems.append((f"data.blend[{i}].prefix", prefix,
-                             "no PREFIX.bin + PREFIX.idx there; run `gridtrain preprocess` first"))
-        prefixes.append(prefix)
-        weights.append(float(weight) if isinstance(weight, (int, float)) else 0.0)
-    if not prefixes and not problems:
-        problems.append(("data.blend", blend, "list at least one [weight, prefix] pair"))
+    """data.blend ([[weight, prefix], ...]) -> (prefixes, weights), after the blend's rules
+    (gridtrain.data.config) for callers that did not validate. Weights are None for a single
+    prefix, which megatron-core then samples directly."""
+    problems = blend_problems(blend)
     if problems:
         raise ConfigError(problems)
+    problems = missing_shard_problems(blend)
+    if problems:
+        raise ConfigError(problems)
+    prefixes = [prefix for _, prefix in blend]
+    weights = [float(weight) for weight, _ in blend]
     return prefixes, (weights if len(prefixes) > 1 else None)
 
 

@@ -35,6 +35,9 @@ def register(subparsers) -> None:
         description="Run one rank: discover RANK/WORLD_SIZE from torchrun, Slurm or MPI, validate "
                     "against the real world size, then train.")
     _config_arguments(launch)
+    # The ranks `gridtrain checkpoint reshard` spawns: the same discovery and validation, then
+    # resume + save instead of training.
+    launch.add_argument("--reshard", action="store_true", help=argparse.SUPPRESS)
     launch.set_defaults(handler=launch_command)
 
     env = subparsers.add_parser("env", help="versions, backend, devices and optional kernels of this machine")
@@ -77,12 +80,13 @@ def _resume_overrides(args) -> list[str]:
 
 def _layout_world(cfg, args) -> tuple[int, int]:
     """(nproc per node, world size) from the flags, else from the config's layout."""
+    from gridtrain.parallel.layout import configured_world_size
+
     if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         raise UserError(f"--nnodes {args.nnodes} / --node-rank {args.node_rank}: need nnodes >= 1 and 0 <= node-rank < nnodes")
     nproc = args.nproc_per_node
     if nproc is None:
-        par = cfg.parallel
-        ranks = par.tensor_parallel * par.pipeline_parallel * (par.data_parallel or 1)
+        ranks = configured_world_size(cfg.parallel)
         if ranks % args.nnodes:
             raise UserError(f"--nnodes {args.nnodes}: the config's layout has {ranks} ranks, not a multiple "
                             "of the node count; give --nproc-per-node")
@@ -92,7 +96,7 @@ def _layout_world(cfg, args) -> tuple[int, int]:
     return nproc, nproc * args.nnodes
 
 
-def _device(choice: str, import_torch: bool) -> str:
+def resolve_device(choice: str, import_torch: bool) -> str:
     if choice != "auto":
         return choice
     if not import_torch:  # dry-run: stay torch-free; the NVIDIA driver's device node says enough
@@ -109,12 +113,12 @@ def train_command(args) -> int:
     cfg = _load(args, _resume_overrides(args))
     nproc, world = _layout_world(cfg, args)
     # Probe without torch: a bad config must fail in a second, before any heavy import.
-    device = _device(args.device, import_torch=False)
-    validate(cfg, world, device)
+    device = resolve_device(args.device, import_torch=False)
+    layout = validate(cfg, world, device)
     if args.dry_run:
         from gridtrain.launcher.dryrun import report
 
-        print(report(cfg, world), end="")
+        print(report(cfg, layout), end="")
         return 0
     from gridtrain.launcher.preflight import check_inputs
     from gridtrain.launcher.spawn import NodeSpec, RankFailed, spawn
@@ -140,21 +144,20 @@ def train_command(args) -> int:
 
 def launch_command(args) -> int:
     from gridtrain.launcher.rank_env import discover
-    from gridtrain.launcher.validate import validate
-
     from gridtrain.launcher.spawn import set_rank_environment
+    from gridtrain.launcher.validate import validate
 
     cfg = _load(args)
     ranks = discover()
     # Under srun/mpirun nobody else sets the per-rank thread count or NCCL settings; before torch loads.
-    set_rank_environment(_device("auto", import_torch=False))
-    validate(cfg, ranks.world_size, _device("auto", import_torch=True))
+    set_rank_environment(resolve_device("auto", import_torch=False))
+    layout = validate(cfg, ranks.world_size, resolve_device("auto", import_torch=True))
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    from gridtrain.train.loop import run
+    from gridtrain.train.loop import reshard, run
 
     # record() writes a crashing rank's traceback where the elastic agent reports it from.
-    return int(record(run)(cfg) or 0)
+    return int(record(reshard if args.reshard else run)(cfg, layout) or 0)
 
 
 def env_command(args) -> int:

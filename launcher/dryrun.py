@@ -4,24 +4,22 @@ import yaml
 
 from gridtrain.launcher.config import to_yaml
 from gridtrain.launcher.run_config import RunConfig
-from gridtrain.launcher.validate import data_parallel_size
 from gridtrain.model.flops import count_parameters, training_flops_per_token
+from gridtrain.parallel.layout import Layout
 from gridtrain.parallel.memory_estimate import stage_parameters_per_rank, zero_memory_per_rank
 
 
-def derived_numbers(cfg: RunConfig, world_size: int) -> dict:
-    """Numbers of a validated config on `world_size` ranks. Memory is per rank, in bytes, for the
-    largest pipeline stage (the one whose ranks run out of memory first)."""
-    par, t = cfg.parallel, cfg.train
-    tp, pp = par.tensor_parallel, par.pipeline_parallel
-    dp = data_parallel_size(cfg, world_size)
-    micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+def derived_numbers(cfg: RunConfig, layout: Layout) -> dict:
+    """Numbers of a validated config on its layout. Memory is per rank, in bytes, for the largest
+    pipeline stage (the one whose ranks run out of memory first)."""
+    t = cfg.train
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
     tokens_per_step = t.global_batch_size * cfg.data.seq_length
     flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_length)
-    stage_params = stage_parameters_per_rank(cfg.model, tp, pp, par.pipeline_partition)
-    memory = zero_memory_per_rank(max(stage_params), dp, par.zero_stage, t.dtype)
+    stage_params = stage_parameters_per_rank(cfg.model, tp, pp, layout.pipeline_partition)
+    memory = zero_memory_per_rank(max(stage_params), dp, layout.zero_stage, t.dtype)
     return {
-        "world_size": world_size,
+        "world_size": layout.world_size,
         "layout": f"TP={tp} x PP={pp} x DP={dp}",
         "parameters": count_parameters(cfg.model, tp),
         "padded_vocab_size": cfg.model.padded_vocab_size(tp),
@@ -29,17 +27,17 @@ def derived_numbers(cfg: RunConfig, world_size: int) -> dict:
         "training_flops_per_token": flops_per_token,
         "global_batch_samples": t.global_batch_size,
         "global_batch_tokens": tokens_per_step,
-        "micro_batches_per_step": micro_batches,
-        "pipeline_bubble_fraction": round((pp - 1) / (micro_batches + pp - 1), 6),
+        "micro_batches_per_step": layout.grad_accum_steps,
+        "pipeline_bubble_fraction": round(layout.pipeline_bubble, 6),
         "training_tokens": tokens_per_step * t.steps,
         "training_flops": flops_per_token * tokens_per_step * t.steps,
-        "memory_per_rank_bytes": {"zero_stage": par.zero_stage, "dtype": t.dtype, **memory},
+        "memory_per_rank_bytes": {"zero_stage": layout.zero_stage, "dtype": t.dtype, **memory},
         "memory_per_rank_gib": {k: round(v / 2**30, 3) for k, v in memory.items()},
     }
 
 
-def report(cfg: RunConfig, world_size: int) -> str:
+def report(cfg: RunConfig, layout: Layout) -> str:
     """The resolved config, then the derived numbers, both as YAML (machine- and human-readable)."""
-    derived = yaml.safe_dump({"derived": derived_numbers(cfg, world_size)}, sort_keys=False,
+    derived = yaml.safe_dump({"derived": derived_numbers(cfg, layout)}, sort_keys=False,
                              default_flow_style=None, width=100)
     return f"# resolved config\n{to_yaml(cfg)}\n# derived (per-rank memory: weights, gradients, optimizer states)\n{derived}"

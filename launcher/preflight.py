@@ -1,8 +1,7 @@
 """Checks of the files a run reads, done by `gridtrain train` before any rank starts (so a wrong
 path costs a second, not a spawn of N ranks and their imports). Not part of --dry-run, which
 describes a config for a cluster whose data need not exist here."""
-import os
-
+from gridtrain.data.config import missing_shard_problems
 from gridtrain.launcher.errors import ConfigError, UserError
 from gridtrain.launcher.run_config import RunConfig
 
@@ -23,10 +22,6 @@ def check_inputs(cfg: RunConfig) -> None:
             if pieces > cfg.model.vocab_size:
                 problems.append(("model.vocab_size", cfg.model.vocab_size, f"the tokenizer {tokenizer} has {pieces} "
                                  f"pieces; set model.vocab_size to at least {pieces}"))
-    for i, (_, prefix) in enumerate(cfg.data.blend):
-        missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(f"{prefix}{ext}")]
-        if missing:
-            problems.append((f"data.blend[{i}]", prefix, f"no {' or '.join(prefix + m for m in missing)}; "
-                             "run `gridtrain preprocess` or fix the prefix"))
+    problems += missing_shard_problems(cfg.data.blend)
     if problems:
         raise ConfigError(problems)

@@ -53,8 +53,8 @@ def set_rank_environment(device: str) -> None:
                           "ignore:When using async grad allreduce it is recommended:UserWarning")
 
 
-def torchrun_args(node: NodeSpec, config_path: str) -> list[str]:
-    """torchrun arguments running `python -m gridtrain.launcher.cli launch CONFIG` on this node."""
+def torchrun_args(node: NodeSpec, config_path: str, launch_flags=()) -> list[str]:
+    """torchrun arguments running `python -m gridtrain.launcher.cli launch CONFIG [FLAGS]` on this node."""
     args = [f"--nnodes={node.nnodes}", f"--nproc-per-node={node.nproc_per_node}", "--max-restarts=0",
             "--monitor-interval=0.5", f"--signals-to-handle={','.join(AGENT_SIGNALS)}"]
     if node.master_addr is None and node.nnodes == 1:
@@ -65,17 +65,18 @@ def torchrun_args(node: NodeSpec, config_path: str) -> list[str]:
                             "(the host and a free port of node 0, the same on every node)")
         args += ["--rdzv-backend=static", f"--node-rank={node.node_rank}",
                  f"--master-addr={node.master_addr}", f"--master-port={node.master_port}"]
-    return args + ["-m", "gridtrain.launcher.cli", "launch", config_path]
+    return args + ["-m", "gridtrain.launcher.cli", "launch", config_path, *launch_flags]
 
 
-def spawn(node: NodeSpec, config_path: str, device: str) -> None:
-    """Run this node's ranks to completion; raise RankFailed naming the failed rank(s)."""
+def spawn(node: NodeSpec, config_path: str, device: str, launch_flags=()) -> None:
+    """Run this node's ranks (`gridtrain launch CONFIG FLAGS`) to completion; raise RankFailed
+    naming the failed rank(s)."""
     set_rank_environment(device)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(torchrun_args(node, config_path))
+    args = get_args_parser().parse_args(torchrun_args(node, config_path, launch_flags))
     previous = {signum: signal.signal(signum, _forward_to_ranks) for signum in PREEMPTION_SIGNALS}
     try:
         run(args)

@@ -1,8 +1,10 @@
 """validate(cfg, world_size, device): every cross-field rule of a run config, checked before any
 process group exists. All problems are collected into one ConfigError, each naming the field, its
 value and the fix, in megatron's style ("must be a multiple of parallel.tensor_parallel (5)")."""
+from gridtrain.data.config import blend_problems
 from gridtrain.launcher.errors import ConfigError
 from gridtrain.launcher.run_config import RunConfig
+from gridtrain.parallel.layout import Layout, batch_problems, build_layout, world_problems, zero_problems
 
 Problem = tuple[str, object, str]
 
@@ -35,9 +37,9 @@ _BOUNDS = {
 }
 
 
-def validate(cfg: RunConfig, world_size: int | None, device: str) -> None:
-    """Raise one ConfigError listing every problem of `cfg` for `world_size` ranks (None: not
-    known yet, e.g. a dry-run without a layout) on `device` ("cpu" or "cuda")."""
+def validate(cfg: RunConfig, world_size: int | None, device: str) -> Layout:
+    """The run's Layout on `world_size` ranks (None: the world the config names) and `device`
+    ("cpu" or "cuda"); else one ConfigError listing every problem of `cfg`."""
     problems = _bounds(cfg)
     bad = {field for field, _, _ in problems}
     problems += _layout(cfg, world_size, bad)
@@ -48,15 +50,7 @@ def validate(cfg: RunConfig, world_size: int | None, device: str) -> None:
     problems += _data(cfg, bad)
     if problems:
         raise ConfigError(problems)
-
-
-def data_parallel_size(cfg: RunConfig, world_size: int | None) -> int:
-    """DP degree: parallel.data_parallel, else the world size over TP x PP, else 1."""
-    if cfg.parallel.data_parallel is not None:
-        return cfg.parallel.data_parallel
-    if world_size is None:
-        return 1
-    return max(1, world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel))
+    return build_layout(cfg.parallel, cfg.train.micro_batch_size, cfg.train.global_batch_size, world_size)
 
 
 def _get(cfg: RunConfig, field: str):
@@ -88,24 +82,12 @@ def _layout(cfg: RunConfig, world_size: int | None, bad: set) -> list[Problem]:
     par, m = cfg.parallel, cfg.model
     if bad & {"parallel.tensor_parallel", "parallel.pipeline_parallel", "parallel.data_parallel"}:
         return []
-    tp, pp, dp = par.tensor_parallel, par.pipeline_parallel, par.data_parallel
-    problems = []
-    if world_size is not None and dp is not None and tp * pp * dp != world_size:
-        fix = f"launch {tp * pp * dp} ranks"
-        if world_size % (tp * pp) == 0:
-            fix = f"set parallel.data_parallel to {world_size // (tp * pp)} (or null), or " + fix
-        problems.append(("world_size", world_size, f"must equal parallel.tensor_parallel ({tp}) x "
-                         f"parallel.pipeline_parallel ({pp}) x parallel.data_parallel ({dp}) = {tp * pp * dp}; {fix}"))
-    elif world_size is not None and dp is None and world_size % (tp * pp) != 0:
-        problems.append(("world_size", world_size, f"must be a multiple of parallel.tensor_parallel ({tp}) x "
-                         f"parallel.pipeline_parallel ({pp}) = {tp * pp}; launch a multiple of {tp * pp} ranks or change the layout"))
-    if "model.num_layers" not in bad and m.num_layers < pp:
-        problems.append(("model.num_layers", m.num_layers, f"must be at least parallel.pipeline_parallel ({pp}): "
-                         f"every pipeline stage needs a decoder layer; use pipeline_parallel <= {m.num_layers} or more layers"))
-    if par.zero_stage in (2, 3) and pp > 1:
-        problems.append(("parallel.zero_stage", par.zero_stage, f"DeepSpeed's pipeline engine refuses ZeRO-2/3 with "
-                         f"parallel.pipeline_parallel ({pp}) > 1; use zero_stage 0 or 1 with pipelines, or pipeline_parallel 1 for ZeRO-2/3"))
-    return problems
+    problems = world_problems(par, world_size)
+    if "model.num_layers" not in bad and m.num_layers < par.pipeline_parallel:
+        problems.append(("model.num_layers", m.num_layers, f"must be at least parallel.pipeline_parallel "
+                         f"({par.pipeline_parallel}): every pipeline stage needs a decoder layer; use "
+                         f"pipeline_parallel <= {m.num_layers} or more layers"))
+    return problems + zero_problems(par)
 
 
 def _model_shape(cfg: RunConfig, bad: set) -> list[Problem]:
@@ -138,18 +120,10 @@ def _model_shape(cfg: RunConfig, bad: set) -> list[Problem]:
 
 
 def _batch(cfg: RunConfig, world_size: int | None, bad: set) -> list[Problem]:
-    t = cfg.train
     if bad & {"train.global_batch_size", "train.micro_batch_size", "parallel.tensor_parallel",
               "parallel.pipeline_parallel", "parallel.data_parallel"}:
         return []
-    dp = data_parallel_size(cfg, world_size)
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step == 0:
-        return []
-    lower = per_step * max(1, t.global_batch_size // per_step)
-    return [("train.global_batch_size", t.global_batch_size, f"must be a multiple of train.micro_batch_size "
-             f"({t.micro_batch_size}) x data_parallel ({dp}) = {per_step}: every DP rank accumulates whole "
-             f"micro-batches; use {lower} or {lower + per_step}, or change micro_batch_size")]
+    return batch_problems(cfg.parallel, cfg.train.micro_batch_size, cfg.train.global_batch_size, world_size)
 
 
 def _device(cfg: RunConfig, device: str) -> list[Problem]:
@@ -206,7 +180,7 @@ def _data(cfg: RunConfig, bad: set) -> list[Problem]:
     if "data.seq_length" not in bad and "model.max_seq_len" not in bad and d.seq_length > cfg.model.max_seq_len:
         problems.append(("data.seq_length", d.seq_length, f"must be <= model.max_seq_len ({cfg.model.max_seq_len}): "
                          "position tables are built for max_seq_len; lower seq_length or raise max_seq_len"))
-    problems += _blend(d.blend)
+    problems += blend_problems(d.blend)
     if not d.tokenizer:
         problems.append(("data.tokenizer", d.tokenizer, "set the SentencePiece .model path (gridtrain tokenizer "
                          "trains one); the datasets need its end-of-document id"))
@@ -218,24 +192,4 @@ def _data(cfg: RunConfig, bad: set) -> list[Problem]:
     if not 1 <= len(parts) <= 3 or len(numbers) != len(parts) or min(numbers) < 0 or sum(numbers) <= 0:
         problems.append(("data.split", d.split, 'must be up to 3 comma-separated non-negative weights for '
                          'train,valid,test with a positive sum, e.g. "98,1,1"'))
-    return problems
-
-
-def _blend(blend) -> list[Problem]:
-    fix = "must be a list of [weight, prefix] pairs, e.g. [[1.0, data/corpus_text_document]]"
-    if not blend:
-        return [("data.blend", list(blend), fix + " (the shards gridtrain preprocess wrote)")]
-    problems = []
-    for i, entry in enumerate(blend):
-        field = f"data.blend[{i}]"
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-            problems.append((field, entry, fix))
-            continue
-        weight, prefix = entry
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-            problems.append((field, list(entry), "weight must be a positive number, e.g. [0.3, data/wiki_text_document]"))
-        if not isinstance(prefix, str) or not prefix:
-            problems.append((field, list(entry), "prefix must be a path string naming PREFIX.bin / PREFIX.idx"))
-        elif prefix.endswith((".bin", ".idx")):
-            problems.append((field, list(entry), f"give the prefix without .bin/.idx: {prefix[:-4]}"))
     return problems

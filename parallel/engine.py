@@ -13,8 +13,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from gridtrain.launcher.run_config import RunConfig
-from gridtrain.parallel.ds_config import build_ds_config, build_optimizer, deepspeed_clips, grad_accum_steps
+from gridtrain.model.config import ModelConfig
+from gridtrain.parallel.ds_config import build_ds_config, build_optimizer, deepspeed_clips
+from gridtrain.train.config import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,11 @@ class TrainEngine:
     """Built by build_engine. `ds_engine` is the DeepSpeed engine (checkpoint save/load use it),
     `module` the model it trains (Decoder, or this stage's PipelineModule)."""
 
-    def __init__(self, ds_engine, ctx, model_config, grad_accum_steps: int, pipelined: bool):
+    def __init__(self, ds_engine, ctx):
         self.ds_engine = ds_engine
-        self.model_config = model_config
         self.ctx = ctx
-        self.grad_accum_steps = grad_accum_steps
-        self.pipelined = pipelined
+        self.grad_accum_steps = ctx.layout.grad_accum_steps
+        self.pipelined = ctx.pp > 1
 
     @property
     def module(self) -> torch.nn.Module:
@@ -113,29 +113,31 @@ class TrainEngine:
         return value.item()
 
 
-def build_model(cfg: RunConfig, ctx) -> torch.nn.Module:
+def build_model(ctx, model: ModelConfig, seed: int, segment_mask: bool) -> torch.nn.Module:
     if ctx.pp > 1:
         from gridtrain.parallel.pipeline import build_pipeline_module
 
-        return build_pipeline_module(cfg, ctx)
+        return build_pipeline_module(ctx, model, seed, segment_mask)
     from gridtrain.model.decoder import Decoder
 
-    return Decoder(cfg.model, ctx.tp, cfg.train.seed, segment_mask=cfg.data.reset_attention_mask)
+    return Decoder(model, ctx.tp, seed, segment_mask=segment_mask)
 
 
-def build_engine(cfg: RunConfig, ctx) -> TrainEngine:
-    """The model for this rank's stage wrapped in DeepSpeed per cfg (ZeRO stage, dtype, clipping,
-    AdamW). Collective: every rank of the world calls it with the same cfg."""
+def build_engine(ctx, model: ModelConfig, optim: OptimConfig, dtype: str = "fp32", seed: int = 1234,
+                 segment_mask: bool = False) -> TrainEngine:
+    """This rank's stage of `model` (weights seeded from `seed`; segment_mask: attention stays
+    within documents) in DeepSpeed for ctx.layout: ZeRO stage, `dtype`, clipping, AdamW per
+    `optim`. Collective: every rank of the world calls it with the same arguments."""
     import deepspeed
 
     from gridtrain.parallel.grad_clip import install_clipping
 
-    ds_config = build_ds_config(cfg, ctx.dp)
-    model = build_model(cfg, ctx)
-    optimizer = build_optimizer(model, cfg)
-    if not deepspeed_clips(cfg):
-        install_clipping(optimizer, cfg.optim.grad_clip, ctx.mpu)
+    ds_config = build_ds_config(ctx.layout, optim, dtype)
+    module = build_model(ctx, model, seed, segment_mask)
+    optimizer = build_optimizer(module, optim)
+    if not deepspeed_clips(ctx.layout.zero_stage, dtype):
+        install_clipping(optimizer, optim.grad_clip, ctx.mpu)
     # A PipelineModule brings its own grid (the same groups, from ctx.topology) as mpu.
     mpu = None if ctx.pp > 1 else ctx.mpu
-    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=mpu)
-    return TrainEngine(ds_engine, ctx, cfg.model, grad_accum_steps(cfg, ctx.dp), pipelined=ctx.pp > 1)
+    ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config, mpu=mpu)
+    return TrainEngine(ds_engine, ctx)

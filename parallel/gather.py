@@ -51,11 +51,10 @@ def stage_state_dict(module: torch.nn.Module, ctx, vocab_size: int, num_layers: 
     return out
 
 
-def full_state_dict(engine, ctx) -> dict:
+def full_state_dict(engine, ctx, model) -> dict:
     """name -> full fp32 tensor on world rank 0 ({} elsewhere) for a TrainEngine. Collective:
     every rank calls it. The pipeline stages send their parts to rank 0 (stage 0 of the first
     pipeline); for tied parameters the first stage's copy wins (DeepSpeed keeps them equal)."""
-    model = engine.model_config
     local = stage_state_dict(engine.module, ctx, model.vocab_size, model.num_layers)
     if ctx.pp == 1:
         return local if ctx.rank == 0 else {}

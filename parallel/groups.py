@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from gridtrain.launcher.errors import UserError
 from gridtrain.parallel.config import ParallelConfig
+from gridtrain.parallel.layout import Layout
 
 REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -80,11 +81,8 @@ class ParallelContext:
     """This rank's place in the layout. `mpu` is handed to deepspeed.initialize; `topology` (a
     DeepSpeed PipeModelDataParallelTopology) to the PipelineModule."""
 
+    layout: Layout
     rank: int
-    world_size: int
-    tp: int
-    pp: int
-    dp: int
     tp_rank: int
     pp_rank: int
     dp_rank: int
@@ -92,6 +90,22 @@ class ParallelContext:
     backend: str
     mpu: MegatronMPU
     topology: object
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def tp(self) -> int:
+        return self.layout.tp
+
+    @property
+    def pp(self) -> int:
+        return self.layout.pp
+
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
 
 
 def select_backend(parallel: ParallelConfig) -> tuple[torch.device, str]:
@@ -105,18 +119,6 @@ def select_backend(parallel: ParallelConfig) -> tuple[torch.device, str]:
         torch.cuda.set_device(local_rank)  # before the process group, so NCCL binds the right GPU
         return torch.device("cuda", local_rank), backend
     return torch.device("cpu"), backend
-
-
-def resolve_layout(parallel: ParallelConfig, world_size: int) -> tuple[int, int, int]:
-    """(tp, pp, dp) for this world; the launcher validates earlier, this guards direct callers."""
-    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    dp = parallel.data_parallel or world_size // max(tp * pp, 1)
-    if tp * pp * dp != world_size:
-        raise UserError(
-            f"parallel: tensor_parallel ({tp}) x pipeline_parallel ({pp}) x data_parallel ({dp}) = "
-            f"{tp * pp * dp}, but the world has {world_size} ranks; make the product equal the rank count"
-        )
-    return tp, pp, dp
 
 
 def init_world(backend: str, timeout: timedelta) -> None:
@@ -133,9 +135,10 @@ def init_world(backend: str, timeout: timedelta) -> None:
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
-def initialize(parallel: ParallelConfig) -> ParallelContext:
+def initialize(parallel: ParallelConfig, layout: Layout) -> ParallelContext:
     """Create the world group (if needed), megatron-core's TP/PP/DP groups and DeepSpeed's topology
-    for `parallel`; raise if the two disagree. Call destroy() before initializing another layout."""
+    for `layout` (backend and timeout from `parallel`); raise if the two disagree. Call destroy()
+    before initializing another layout."""
     from gridtrain.parallel.deepspeed_compat import check_deepspeed_version
 
     check_deepspeed_version()
@@ -148,7 +151,10 @@ def initialize(parallel: ParallelConfig) -> ParallelContext:
     init_world(backend, timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    tp, pp, dp = resolve_layout(parallel, world_size)
+    if world_size != layout.world_size:  # the launcher validated against this world; a guard for direct callers
+        raise UserError(f"world_size={world_size}: the layout {layout.describe()} needs {layout.world_size} "
+                        "ranks; launch that many or change the layout")
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         distributed_timeout_minutes=max(1, round(parallel.timeout_minutes)),
@@ -159,8 +165,7 @@ def initialize(parallel: ParallelConfig) -> ParallelContext:
     check_topology_agreement(topology, rank)
     coord = topology.get_coord(rank)
     return ParallelContext(
-        rank=rank, world_size=world_size, tp=tp, pp=pp, dp=dp,
-        tp_rank=coord.model, pp_rank=coord.pipe, dp_rank=coord.data,
+        layout=layout, rank=rank, tp_rank=coord.model, pp_rank=coord.pipe, dp_rank=coord.data,
         device=device, backend=backend, mpu=MegatronMPU(), topology=topology,
     )
 

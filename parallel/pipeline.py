@@ -7,7 +7,7 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
-from gridtrain.launcher.run_config import RunConfig
+from gridtrain.model.config import ModelConfig
 from gridtrain.model.decoder import LayerFactory, build_layer_factories
 from gridtrain.model.loss import lm_loss
 from gridtrain.parallel.deepspeed_compat import pipeline_module
@@ -50,12 +50,12 @@ def pipeline_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor
     return lm_loss(logits, target, loss_mask)
 
 
-def layer_specs(cfg: RunConfig, tp: int) -> list[LayerSpec]:
-    factories = build_layer_factories(cfg.model, tp, cfg.train.seed, cfg.data.reset_attention_mask)
+def layer_specs(model: ModelConfig, tp: int, seed: int, segment_mask: bool) -> list[LayerSpec]:
+    factories = build_layer_factories(model, tp, seed, segment_mask)
     return [TiedFactorySpec(f) if f.tie_key else FactorySpec(f) for f in factories]
 
 
-def build_pipeline_module(cfg: RunConfig, ctx) -> PipelineModule:
+def build_pipeline_module(ctx, model: ModelConfig, seed: int, segment_mask: bool) -> PipelineModule:
     """This stage's slice of the decoder. Micro-batch format for PipelineEngine:
     ((tokens, position_ids, segment_ids), (labels, loss_mask)), all (B, T). partition_method
     "parameters" balances the analytic per-layer counts (gridtrain.parallel.memory_estimate), so no
@@ -63,11 +63,11 @@ def build_pipeline_module(cfg: RunConfig, ctx) -> PipelineModule:
     from gridtrain.parallel.memory_estimate import layer_parameters_per_tp_rank
 
     return pipeline_module(
-        layer_counts=layer_parameters_per_tp_rank(cfg.model, ctx.tp),
-        layers=layer_specs(cfg, ctx.tp),
+        layer_counts=layer_parameters_per_tp_rank(model, ctx.tp),
+        layers=layer_specs(model, ctx.tp, seed, segment_mask),
         topology=ctx.topology,
         loss_fn=pipeline_loss,
-        partition_method=cfg.parallel.pipeline_partition,
+        partition_method=ctx.layout.pipeline_partition,
         # Blocks checkpoint themselves (model.activation_checkpointing); DeepSpeed's interval
         # checkpointing would recompute them a second time.
         activation_checkpoint_interval=0,

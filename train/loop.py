@@ -1,6 +1,8 @@
-"""The per-rank trainer. `run(cfg)` is what every rank spawned by `gridtrain launch` calls; it reads
-top to bottom: set up (seed, process groups, data, engine, resume) -> train() -> train_step() /
-evaluate() each step -> summary -> tear down."""
+"""The per-rank trainer. `run(cfg, layout)` is what every rank spawned by `gridtrain launch` calls;
+it reads top to bottom: set up (seed, process groups, data, engine, resume) -> train() ->
+train_step() / evaluate() each step -> summary -> tear down. `reshard(cfg, layout)` is the rank of
+`gridtrain checkpoint reshard`: resume under the new layout, save. Only these two see the whole
+run config; each component gets its own section and the Layout."""
 import dataclasses
 import math
 import random
@@ -14,8 +16,10 @@ import torch
 from gridtrain.launcher.errors import UserError
 from gridtrain.launcher.run_config import RunConfig
 from gridtrain.model.flops import training_flops_per_token
+from gridtrain.parallel.layout import Layout
 from gridtrain.train.metrics import (
-    MetricsWriter, build_metrics_writer, eval_record, gather_memory, perplexity, step_record, total_peak_flops,
+    MetricsWriter, build_metrics_writer, checkpoint_record, eval_record, gather_memory, perplexity, step_record,
+    total_peak_flops,
 )
 from gridtrain.train.schedule import lr_at
 
@@ -33,7 +37,7 @@ class Trainer:
     engine: object  # gridtrain.parallel.engine.TrainEngine
     train_data: object
     valid_data: Optional[object]
-    checkpointer: object  # gridtrain.train.checkpoint.Checkpointer
+    checkpointer: object  # gridtrain.train.checkpoint.checkpointer.Checkpointer
     stop: object  # gridtrain.train.preemption.StopRequest
     writer: MetricsWriter
     state: object  # gridtrain.train.state.TrainState
@@ -41,16 +45,17 @@ class Trainer:
     peak_flops_total: float
 
 
-def run(cfg: RunConfig) -> int:
+def run(cfg: RunConfig, layout: Layout) -> int:
     """Train one rank to cfg.train.steps; returns 0 when done, or PREEMPTED_EXIT_CODE after a stop
-    signal (SIGTERM/SIGUSR1 on any rank) made every rank save and stop at the same step."""
+    signal (SIGTERM/SIGUSR1 on any rank) made every rank save and stop at the same step. `layout`
+    is validation's, for this world."""
     from gridtrain.launcher import rank_env
     from gridtrain.parallel import groups
     from gridtrain.train.preemption import PREEMPTED_EXIT_CODE, StopRequest
 
     seed_everything(cfg.train.seed)
     rank_env.discover()  # torchrun's variables pass through; srun / mpirun ones are mapped onto them
-    ctx = groups.initialize(cfg.parallel)
+    ctx = groups.initialize(cfg.parallel, layout)
     trainer = None
     try:
         with StopRequest() as stop:
@@ -64,6 +69,26 @@ def run(cfg: RunConfig) -> int:
     return 0 if finished else PREEMPTED_EXIT_CODE
 
 
+def reshard(cfg: RunConfig, layout: Layout) -> int:
+    """One rank of `gridtrain checkpoint reshard`: build the engine of `layout`, resume
+    cfg.train.resume into it (through DeepSpeed's universal form), save it natively into
+    checkpoint.dir."""
+    from gridtrain.launcher import rank_env
+    from gridtrain.parallel import groups
+
+    rank_env.discover()
+    ctx = groups.initialize(cfg.parallel, layout)
+    try:
+        engine = build_engine_of(cfg, ctx)
+        checkpointer = build_checkpointer(cfg, layout)
+        state = checkpointer.resume(engine, cfg.train.resume)
+        checkpointer.save(engine, state)
+        checkpointer.deleter.wait()
+    finally:
+        groups.destroy()
+    return 0
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch alike on every rank. Weights do not depend on it (each layer
     seeds its own initialisation) but anything else random (dropout, probes) then repeats."""
@@ -72,20 +97,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:
+def build_engine_of(cfg: RunConfig, ctx):
     from gridtrain.parallel.engine import build_engine
-    from gridtrain.train.checkpoint.checkpointer import Checkpointer
+
+    return build_engine(ctx, cfg.model, cfg.optim, cfg.train.dtype, cfg.train.seed, cfg.data.reset_attention_mask)
+
+
+def build_checkpointer(cfg: RunConfig, layout: Layout):
+    import json
+
+    from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord, checkpoint_dir
+
+    record = RunRecord(ckpt_dir=checkpoint_dir(cfg.checkpoint, cfg.train.run_dir), model=cfg.model,
+                       dtype=cfg.train.dtype, tokenizer=cfg.data.tokenizer,
+                       config=json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+    return Checkpointer(cfg.checkpoint, layout, record)
+
+
+def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:
     from gridtrain.train.state import TrainState
 
     writer = build_metrics_writer(cfg.logging, cfg.train.run_dir, ctx.rank == 0, cfg.train.steps)
     writer.note(f"rank layout: world {ctx.world_size} = TP {ctx.tp} x PP {ctx.pp} x DP {ctx.dp}, "
-                f"ZeRO {cfg.parallel.zero_stage}, {ctx.backend} on {ctx.device}")
-    train_data, valid_data = build_data(cfg, ctx)
+                f"ZeRO {ctx.layout.zero_stage}, {ctx.backend} on {ctx.device}")
+    train_data, valid_data = build_data(cfg)
     if valid_data is None or cfg.train.eval_steps == 0:
         writer.note(f"validation off: data.split={cfg.data.split!r} gives it no documents or train.eval_steps=0")
-    engine = build_engine(cfg, ctx)
-    checkpointer = Checkpointer(cfg, ctx)
-    state = checkpointer.resume(engine) or TrainState(step=0, consumed_samples=0)
+    engine = build_engine_of(cfg, ctx)
+    checkpointer = build_checkpointer(cfg, ctx.layout)
+    state = checkpointer.resume(engine, cfg.train.resume) or TrainState(step=0, consumed_samples=0)
     if state.step:
         writer.note(f"resumed at step {state.step}, {state.consumed_samples} samples consumed")
     peak_total, peak_source = total_peak_flops(cfg.train.peak_flops, ctx.device)
@@ -98,11 +138,10 @@ def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:
     )
 
 
-def build_data(cfg: RunConfig, ctx) -> tuple:
+def build_data(cfg: RunConfig) -> tuple:
     """Train and validation datasets sized by run_samples."""
     from gridtrain.data.datasets import build_datasets, default_cache_dir, run_samples
     from gridtrain.data.tokenizer import SentencePieceTokenizer
-
     from gridtrain.launcher.preflight import check_inputs
 
     if not cfg.data.tokenizer:
@@ -116,11 +155,12 @@ def build_data(cfg: RunConfig, ctx) -> tuple:
     return train_data, valid_data
 
 
-def micro_batches(cfg: RunConfig, ctx, dataset, consumed_samples: int) -> Iterator[dict]:
+def micro_batches(t: Trainer, dataset, consumed_samples: int) -> Iterator[dict]:
     """This DP rank's micro-batches from the global sample `consumed_samples` on."""
     from gridtrain.data.loader import batches
 
-    return batches(dataset, consumed_samples, cfg.train.micro_batch_size, ctx.dp_rank, ctx.dp, cfg.data)
+    layout = t.ctx.layout
+    return batches(dataset, consumed_samples, layout.micro_batch_size, t.ctx.dp_rank, layout.dp, t.cfg.data)
 
 
 def train(t: Trainer) -> bool:
@@ -128,7 +168,7 @@ def train(t: Trainer) -> bool:
     requests between steps; ends with a final evaluation and a summary line. Returns False if it
     stopped early on a stop request (after saving), True when all steps are done."""
     cfg = t.cfg
-    data = micro_batches(cfg, t.ctx, t.train_data, t.state.consumed_samples)
+    data = micro_batches(t, t.train_data, t.state.consumed_samples)
     records, started = [], time.perf_counter()
     # A run that checkpoints at all also keeps its final weights, whatever the interval.
     saves_on = cfg.checkpoint.interval_steps > 0 or cfg.checkpoint.interval_minutes > 0
@@ -142,7 +182,9 @@ def train(t: Trainer) -> bool:
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.steps:
             evaluate(t)
         stopping = t.stop.should_stop()
-        t.checkpointer.maybe_save(t.engine, t.state, force=stopping or (step == cfg.train.steps and saves_on))
+        saved = t.checkpointer.maybe_save(t.engine, t.state, force=stopping or (step == cfg.train.steps and saves_on))
+        if saved is not None:
+            t.writer.write(checkpoint_record(saved.step, saved.path, saved.bytes, saved.seconds))
         if stopping:
             t.writer.note(f"stop requested: saved step {step} and stopping")
             return False
@@ -185,7 +227,7 @@ def evaluate(t: Trainer) -> Optional[float]:
     steps = t.cfg.train.eval_steps
     if t.valid_data is None or steps == 0:
         return None
-    loss = t.engine.eval_loss(micro_batches(t.cfg, t.ctx, t.valid_data, 0), steps * t.engine.grad_accum_steps)
+    loss = t.engine.eval_loss(micro_batches(t, t.valid_data, 0), steps * t.engine.grad_accum_steps)
     t.writer.write(eval_record(t.state.step, loss))
     return loss
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from gridtrain.parallel.collectives import gather_ints, rank_and_world, sum_over_ranks
 from gridtrain.train.config import LoggingConfig
 
 
@@ -45,13 +46,10 @@ def total_peak_flops(peak_flops: float | None, device: torch.device) -> tuple[fl
     """Peak FLOP/s of all ranks together and where the per-device figure came from: the config's
     train.peak_flops, or else every rank's own matmul probe, run at the same time so ranks sharing
     a host measure what they get while sharing it. Collective when probing."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = rank_and_world()[1]
     if peak_flops is not None:
         return peak_flops * world, f"train.peak_flops = {peak_flops:.3e} FLOP/s per device"
-    local = torch.tensor([measure_matmul_flops(device)], dtype=torch.float64, device=device)
-    if world > 1:
-        torch.distributed.all_reduce(local)
-    total = float(local.item())
+    total = sum_over_ranks(measure_matmul_flops(device))
     return total, f"measured by an fp32 matmul probe: {total / world:.3e} FLOP/s per device (mean of {world})"
 
 
@@ -71,12 +69,7 @@ def memory_bytes(device: torch.device) -> int:
 
 def gather_memory(device: torch.device) -> list[int]:
     """memory_bytes of every rank, in rank order. Collective: every rank must call it."""
-    local = torch.tensor([memory_bytes(device)], dtype=torch.int64, device=device)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [int(local.item())]
-    gathered = [torch.zeros_like(local) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, local)
-    return [int(t.item()) for t in gathered]
+    return gather_ints(memory_bytes(device))
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_flops_total: float) -> float:
@@ -114,11 +107,20 @@ def eval_record(step: int, loss: float) -> dict:
     return {"kind": "eval", "step": step, "val_loss": loss, "val_ppl": perplexity(loss), "time": time.time()}
 
 
+def checkpoint_record(step: int, path: str, nbytes: int, seconds: float) -> dict:
+    """A checkpoint save: where, how big, and how long it stalled training."""
+    return {"kind": "checkpoint", "step": step, "path": str(path), "ckpt_bytes": nbytes, "ckpt_write_s": seconds,
+            "ckpt_gb_per_s": nbytes / seconds / 1e9 if seconds > 0 else 0.0, "time": time.time()}
+
+
 def format_record(record: dict, total_steps: int) -> str:
-    """The compact console line of a train or eval record."""
+    """The compact console line of a train, eval or checkpoint record."""
     head = f"step {record['step']:>{len(str(total_steps))}}/{total_steps}"
     if record["kind"] == "eval":
         return f"{head} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}"
+    if record["kind"] == "checkpoint":
+        return (f"{head} | checkpoint {Path(record['path']).name}: {record['ckpt_bytes'] / 1e6:,.1f} MB in "
+                f"{record['ckpt_write_s']:.2f} s ({record['ckpt_gb_per_s']:.3f} GB/s)")
     return (
         f"{head} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f}"
         f" | {record['step_time_s'] * 1000:.0f} ms | {record['tokens_per_s']:,.0f} tok/s"
@@ -152,7 +154,7 @@ class MetricsWriter:
             self._write_tensorboard(record)
 
     def _write_tensorboard(self, record: dict) -> None:
-        prefix = "val" if record["kind"] == "eval" else "train"
+        prefix = {"eval": "val", "checkpoint": "checkpoint"}.get(record["kind"], "train")
         for key, value in record.items():
             if key in ("kind", "step", "time") or not isinstance(value, (int, float)):
                 continue

@@ -50,16 +50,9 @@ class StopRequest:
 
     def should_stop(self) -> bool:
         """True on every rank iff any rank has received a stop signal. One tiny all-reduce."""
-        import torch
-        import torch.distributed as dist
+        from gridtrain.parallel.collectives import any_rank
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.local
-        backend = dist.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        flag = torch.tensor([1 if self.local else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.local)
 
     def __enter__(self) -> "StopRequest":
         return self.install()

@@ -34,6 +34,11 @@ def test_base_config_is_valid():
     validate(base(), None, "cpu")
 
 
+def test_validation_returns_the_layout():
+    layout = validate(base(parallel=dict(tensor_parallel=2), train=dict(global_batch_size=16, micro_batch_size=2)), 8, "cpu")
+    assert (layout.tp, layout.pp, layout.dp, layout.grad_accum_steps) == (2, 1, 4, 2)
+
+
 CASES = {
     "world size != TP*PP*DP": (
         dict(parallel=dict(tensor_parallel=2, data_parallel=3), train=dict(global_batch_size=24)), 4, "cpu",

@@ -7,19 +7,20 @@ LAYOUT is "tp<T>-pp<P>-z<Z>" (DP follows from the world size), or "perturbed" (t
 one token of one training sample changed: the negative control).
 """
 import gc
+import os
 import re
 import sys
 from pathlib import Path
 
 import torch
 
-from gridtrain.launcher.run_config import RunConfig
 from gridtrain.model.config import ModelConfig
 from gridtrain.parallel import groups
 from gridtrain.parallel.config import ParallelConfig
 from gridtrain.parallel.engine import build_engine
 from gridtrain.parallel.gather import full_state_dict
-from gridtrain.train.config import OptimConfig, TrainConfig
+from gridtrain.parallel.layout import build_layout
+from gridtrain.train.config import OptimConfig
 
 STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, LR = 3, 8, 2, 16, 300, 2e-3
 FAMILIES = {
@@ -55,21 +56,18 @@ def rank_micro_batches(batch: dict, dp_rank: int, dp: int):
         yield {k: v[lo:lo + MICRO_BATCH] for k, v in batch.items()}
 
 
-def run_config(model: ModelConfig, tp: int, pp: int, zero: int) -> RunConfig:
-    return RunConfig(
-        model=model,
-        parallel=ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, zero_stage=zero),
-        optim=OptimConfig(lr=LR, weight_decay=0.1, grad_clip=0.5),
-        train=TrainConfig(steps=STEPS, global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH, seed=7),
-    )
+OPTIM = OptimConfig(lr=LR, weight_decay=0.1, grad_clip=0.5)
+SEED = 7
 
 
-def run_layout(family: str, layout: str, out_dir: Path) -> None:
-    perturbed = layout == "perturbed"
-    tp, pp, zero = (1, 1, 0) if perturbed else map(int, re.fullmatch(r"tp(\d)-pp(\d)-z(\d)", layout).groups())
-    cfg = run_config(FAMILIES[family], tp, pp, zero)
-    ctx = groups.initialize(cfg.parallel)
-    engine = build_engine(cfg, ctx)
+def run_layout(family: str, name: str, out_dir: Path) -> None:
+    perturbed = name == "perturbed"
+    tp, pp, zero = (1, 1, 0) if perturbed else map(int, re.fullmatch(r"tp(\d)-pp(\d)-z(\d)", name).groups())
+    model = FAMILIES[family]
+    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, zero_stage=zero)
+    layout = build_layout(parallel, MICRO_BATCH, GLOBAL_BATCH, int(os.environ["WORLD_SIZE"]))
+    ctx = groups.initialize(parallel, layout)
+    engine = build_engine(ctx, model, OPTIM, seed=SEED)
     losses, norms = [], []
     for step in range(STEPS):
         engine.set_lr(LR)
@@ -78,13 +76,13 @@ def run_layout(family: str, layout: str, out_dir: Path) -> None:
         norms.append(result.grad_norm)
     eval_loss = engine.eval_loss(rank_micro_batches(global_batch(STEPS, False), ctx.dp_rank, ctx.dp),
                                  GLOBAL_BATCH // (MICRO_BATCH * ctx.dp))
-    weights = full_state_dict(engine, ctx)
-    layout_checks = check_layout(cfg, ctx, engine)
+    weights = full_state_dict(engine, ctx, model)
+    layout_checks = check_layout(model, ctx, engine)
     # set_lr reaches the optimizer DeepSpeed steps (ZeRO's flat fp32 partitions included): one more
     # step at lr 0 must leave every weight bit-identical (AdamW's decay is lr-scaled too).
     engine.set_lr(0.0)
     engine.train_step(rank_micro_batches(global_batch(STEPS + 1, False), ctx.dp_rank, ctx.dp))
-    after = full_state_dict(engine, ctx)
+    after = full_state_dict(engine, ctx, model)
     layout_checks["lr0_step_unchanged"] = all(torch.equal(after[n], weights[n]) for n in weights)
     # Every rank reports its loss: the contract says it is the same number everywhere.
     all_losses = [None] * ctx.world_size
@@ -92,13 +90,13 @@ def run_layout(family: str, layout: str, out_dir: Path) -> None:
     if ctx.rank == 0:
         record = {"losses": losses, "grad_norms": norms, "eval_loss": eval_loss, "weights": weights,
                   "rank_losses": all_losses, "grad_accum_steps": engine.grad_accum_steps, "dp": ctx.dp, "lr": LR, **layout_checks}
-        torch.save(record, out_dir / f"{family}-{layout}-w{ctx.world_size}.pt")
+        torch.save(record, out_dir / f"{family}-{name}-w{ctx.world_size}.pt")
     del engine
     gc.collect()
     groups.destroy(world=False)
 
 
-def check_layout(cfg: RunConfig, ctx, engine) -> dict:
+def check_layout(model: ModelConfig, ctx, engine) -> dict:
     """Facts about the layout for the test: every rank's (TP, PP, DP) coordinates; the analytic
     per-layer parameter counts the pipeline partitioning uses against the built layers; this
     stage's layer range; and the error a megatron/DeepSpeed group mismatch raises."""
@@ -109,8 +107,7 @@ def check_layout(cfg: RunConfig, ctx, engine) -> dict:
 
     coords = [None] * ctx.world_size
     torch.distributed.all_gather_object(coords, (ctx.rank, ctx.tp, ctx.pp, ctx.dp, ctx.tp_rank, ctx.pp_rank, ctx.dp_rank))
-    built = [sum(p.numel() for p in f.build().parameters())
-             for f in build_layer_factories(cfg.model, ctx.tp, cfg.train.seed)]
+    built = [sum(p.numel() for p in f.build().parameters()) for f in build_layer_factories(model, ctx.tp, SEED)]
     # A topology that disagrees with megatron's groups whenever TP or PP > 1: every axis moved to DP.
     wrong = PipeModelDataParallelTopology(num_pp=1, num_mp=1, num_dp=ctx.world_size)
     try:
@@ -120,7 +117,7 @@ def check_layout(cfg: RunConfig, ctx, engine) -> dict:
         mismatch_error = str(exc)
     parts = getattr(engine.module, "parts", None)
     parts = None if parts is None else [int(p) for p in parts]  # DeepSpeed gives numpy ints
-    return {"coords": coords, "analytic_layer_params": layer_parameters_per_tp_rank(cfg.model, ctx.tp),
+    return {"coords": coords, "analytic_layer_params": layer_parameters_per_tp_rank(model, ctx.tp),
             "built_layer_params": built, "mismatch_error": mismatch_error, "pipeline_parts": parts}
 
 

@@ -1,27 +1,13 @@
 """Worker for tests/train: every rank builds the RunConfig from a JSON file of sections and calls
 gridtrain.train.loop.run, the same entry point `gridtrain launch` gives each rank."""
-import json
 import sys
+from pathlib import Path
 
-from gridtrain.data.config import DataConfig
-from gridtrain.launcher.run_config import RunConfig
-from gridtrain.model.config import ModelConfig
-from gridtrain.parallel.config import ParallelConfig
-from gridtrain.train.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
-from gridtrain.train.loop import run
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for json_run
 
-SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "optim": OptimConfig,
-            "train": TrainConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+from json_run import load_run  # noqa: E402
 
-
-def main(path: str) -> int:
-    with open(path, encoding="utf-8") as f:
-        sections = json.load(f)
-    if "blend" in sections.get("data", {}):
-        sections["data"]["blend"] = tuple(tuple(entry) for entry in sections["data"]["blend"])
-    cfg = RunConfig(**{name: SECTIONS[name](**values) for name, values in sections.items()})
-    return run(cfg)
-
+from gridtrain.train.loop import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(run(*load_run(sys.argv[1])))

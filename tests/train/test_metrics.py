@@ -1,4 +1,4 @@
-"""Metrics: MFU arithmetic on a known FLOP count, JSONL/TensorBoard contents, the matmul probe."""
+"""Metrics: MFU arithmetic on a known FLOP count, JSONL/TensorBoard contents, checkpoint records, the matmul probe."""
 import json
 import math
 
@@ -9,7 +9,7 @@ from gridtrain.model.config import ModelConfig
 from gridtrain.model.flops import training_flops_per_token
 from gridtrain.train.config import LoggingConfig
 from gridtrain.train.metrics import (
-    build_metrics_writer, eval_record, format_record, gather_memory, measure_matmul_flops, mfu,
+    build_metrics_writer, checkpoint_record, eval_record, format_record, gather_memory, measure_matmul_flops, mfu,
     step_record, total_peak_flops,
 )
 
@@ -27,6 +27,15 @@ def test_mfu_of_a_known_flop_count():
     assert mfu(per_token, 1_000.0, 2e9) == pytest.approx(0.154752, rel=1e-6)
     # Negative control: counting only one rank's peak doubles the answer, outside the tolerance.
     assert mfu(per_token, 1_000.0, 1e9) != pytest.approx(0.154752, rel=1e-6)
+
+
+def test_checkpoint_record_line_and_jsonl(tmp_path, capsys):
+    writer = build_metrics_writer(LoggingConfig(tensorboard=False), str(tmp_path), is_main=True, total_steps=100)
+    writer.write(checkpoint_record(40, str(tmp_path / "checkpoints" / "step_00000040"), 250_000_000, 0.5))
+    writer.close()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert (record["kind"], record["step"], record["ckpt_bytes"], record["ckpt_gb_per_s"]) == ("checkpoint", 40, 250_000_000, 0.5)
+    assert "step  40/100 | checkpoint step_00000040: 250.0 MB in 0.50 s (0.500 GB/s)" in capsys.readouterr().out
 
 
 def test_step_record_fields_and_values():

@@ -104,6 +104,11 @@ def inspect_command(args) -> int:
     return 0 if all(info["valid"] for info in infos) else 1
 
 
+# What `checkpoint reshard` calls the config fields it sets, for messages about them.
+_RESHARD_FLAGS = {"parallel.tensor_parallel": "--tp", "parallel.pipeline_parallel": "--pp",
+                  "parallel.data_parallel": "--dp", "parallel.zero_stage": "--zero"}
+
+
 def reshard_config(path: Path, args) -> dict:
     """The saved run config with the new layout, resuming from `path` and saving into --out."""
     if verify_checkpoint(path, checksums=False):
@@ -111,15 +116,6 @@ def reshard_config(path: Path, args) -> dict:
     config = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))["config"]
     saved_zero = config["parallel"]["zero_stage"]
     zero = args.zero if args.zero is not None else (min(saved_zero, 1) if args.pp > 1 else saved_zero)
-    problems = [(flag, value, "must be >= 1") for flag, value in (("--tp", args.tp), ("--pp", args.pp), ("--dp", args.dp)) if value < 1]
-    if args.pp > 1 and zero > 1:
-        problems.append(("--zero", zero, "DeepSpeed's pipeline engine allows ZeRO 0 or 1; pass --zero 1"))
-    if zero < 1 or saved_zero < 1:
-        problems.append(("--zero", zero, "resharding goes through ZeRO optimizer states: the source and the new layout need ZeRO >= 1"))
-    if problems:
-        from gridtrain.launcher.errors import ConfigError
-
-        raise ConfigError(problems)
     config["parallel"].update(tensor_parallel=args.tp, pipeline_parallel=args.pp, data_parallel=args.dp, zero_stage=zero)
     config["train"]["resume"] = str(path.resolve())
     config["checkpoint"]["dir"] = str(Path(args.out).resolve())
@@ -129,30 +125,53 @@ def reshard_config(path: Path, args) -> dict:
     return config
 
 
+def _validated_layout(config_path: str, device: str):
+    """The new layout through the launcher's validation, problems named by this command's flags."""
+    from gridtrain.launcher.config import load_config
+    from gridtrain.launcher.errors import ConfigError
+    from gridtrain.launcher.validate import validate
+    from gridtrain.parallel.layout import configured_world_size
+
+    cfg = load_config([config_path])
+    try:
+        return validate(cfg, configured_world_size(cfg.parallel), device)
+    except ConfigError as exc:
+        raise ConfigError([(_RESHARD_FLAGS.get(field, field), value, fix) for field, value, fix in exc.problems]) from None
+
+
 def reshard_command(args) -> int:
-    """Spawn the new layout's ranks on this node (torch's elastic agent); each loads its shard of
-    the source through DeepSpeed's universal form and saves natively into --out."""
+    """Spawn the new layout's ranks on this node (the launcher's spawn: `gridtrain launch --reshard`);
+    each validates the config, loads its shard of the source through DeepSpeed's universal form and
+    saves natively into --out."""
     import os
-    import subprocess
     import tempfile
 
     import yaml
+
+    from gridtrain.launcher.commands import resolve_device
+    from gridtrain.launcher.spawn import NodeSpec, RankFailed, spawn
+    from gridtrain.parallel.deepspeed_compat import check_deepspeed_version
+    from gridtrain.train.checkpoint.reshard import reshard_refusal
 
     path = Path(args.path)
     if not (path / MANIFEST_NAME).exists():
         raise UserError(f"checkpoint reshard: {str(path)!r} is not a checkpoint (no {MANIFEST_NAME}); pass a step_XXXXXXXX folder")
     config = reshard_config(path, args)
-    world = args.tp * args.pp * args.dp
+    device = resolve_device("auto", import_torch=False)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           "--max-restarts=0", "-m", "gridtrain.train.checkpoint.reshard", fh.name]
     try:
-        proc = subprocess.run(cmd, env={"OMP_NUM_THREADS": "1", **os.environ})
+        layout = _validated_layout(fh.name, device)
+        saved = read_manifest(path)["layout"]
+        refusal = reshard_refusal(saved, {**layout.record(), "dtype": config["train"]["dtype"]}, path)
+        if refusal:
+            raise UserError(f"checkpoint reshard: {refusal}")
+        check_deepspeed_version()
+        spawn(NodeSpec(nnodes=1, nproc_per_node=layout.world_size), fh.name, device, launch_flags=("--reshard",))
+    except RankFailed as exc:
+        print(f"gridtrain: error: checkpoint reshard failed: {exc}", file=sys.stderr)
+        return exc.exit_code
     finally:
         os.unlink(fh.name)
-    if proc.returncode != 0:
-        print(f"gridtrain: error: checkpoint reshard failed (exit {proc.returncode}); see the rank output above", file=sys.stderr)
-        return 1
     print(f"resharded {path} to TP {args.tp} x PP {args.pp} x DP {args.dp} in {args.out}")
     return 0

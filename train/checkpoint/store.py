@@ -29,6 +29,10 @@ class CheckpointError(UserError):
     """No usable checkpoint, or a save that could not complete."""
 
 
+def _warn(message: str) -> None:
+    print(f"[gridtrain] warning: {message}", file=sys.stderr, flush=True)
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -64,7 +68,7 @@ def remove_stale_temps(ckpt_dir: Path) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     stale = [p for p in ckpt_dir.glob(f"{TMP_PREFIX}*") if p.is_dir()] if ckpt_dir.is_dir() else []
     for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
+        delete_folder(path)
     return stale
 
 
@@ -110,20 +114,13 @@ def retire(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
     return doomed
 
 
-def apply_retention(ckpt_dir: Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Delete old checkpoints per the retention rule, now; returns the deleted checkpoints' paths."""
-    deleted = []
-    for path in retire(ckpt_dir, keep_last, keep_every):
-        shutil.rmtree(path, ignore_errors=True)
-        deleted.append(path.with_name(path.name.removeprefix(f"{TMP_PREFIX}deleting-")))
-    return deleted
-
-
 class BackgroundDeleter:
     """Deletes retired checkpoints on one thread, off the training path, as torchtitan's purge
     thread does: unlinking a few hundred MB of shards took ~0.07 s here, a fifth of a save's stall,
-    and training has no need to wait for it. `wait()` returns once every deletion asked for is done; a save waits
-    before it starts, so a small disk gets the space back before it is needed again."""
+    and training has no need to wait for it. `wait()` returns once every deletion asked for is done;
+    a save waits before it starts, so a small disk gets the space back before it is needed again.
+    A deletion that fails (a file held open on a network filesystem, say) is reported once, as a
+    warning naming the folder left behind; it never stops training."""
 
     def __init__(self):
         self._pool = None
@@ -134,12 +131,30 @@ class BackgroundDeleter:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gridtrain-ckpt-delete")
-        self._pending += [self._pool.submit(shutil.rmtree, path, ignore_errors=True) for path in paths]
+        self._pending += [self._pool.submit(delete_folder, path) for path in paths]
 
     def wait(self) -> None:
         pending, self._pending = self._pending, []
         for future in pending:
             future.result()
+
+
+def delete_folder(path: Path) -> bool:
+    """Remove a retired checkpoint folder; on failure warn once (naming the folder and the first
+    error) and return False."""
+    failures = []
+
+    def failed(function, name, error) -> None:
+        failures.append((name, error[1] if isinstance(error, tuple) else error))
+
+    shutil.rmtree(path, **({"onexc": failed} if sys.version_info >= (3, 12) else {"onerror": failed}))
+    if not failures:
+        return True
+    name, error = failures[0]
+    more = f" and {len(failures) - 1} more" if len(failures) > 1 else ""
+    _warn(f"could not delete the retired checkpoint {path} ({name}: "
+          f"{getattr(error, 'strerror', None) or error}{more}); remove it by hand")
+    return False
 
 
 def candidates(ckpt_dir: Path) -> list[Path]:
@@ -163,18 +178,21 @@ def choose_valid(paths: list[Path], verify=None) -> tuple[Path | None, list[str]
     return None, rejected
 
 
-def find_resumable(ckpt_dir: Path, verify=None) -> Path | None:
+def find_resumable(ckpt_dir: Path, verify=None, what: str | None = None, listed=candidates,
+                   warn=_warn) -> Path | None:
     """The newest valid checkpoint in `ckpt_dir`, warning for each invalid one skipped. None if the
-    folder holds no checkpoint at all; CheckpointError if it holds some but none is valid."""
-    paths = candidates(ckpt_dir)
+    folder holds no checkpoint at all; CheckpointError if it holds some but none is valid.
+    `listed(ckpt_dir)` gives the checkpoints to try, newest first; `what` names the setting in
+    the error (default: checkpoint.dir)."""
+    paths = listed(ckpt_dir)
     if not paths:
         return None
     chosen, rejected = choose_valid(paths, verify)
     for message in rejected:
-        print(f"[gridtrain] warning: {message}", file=sys.stderr, flush=True)
+        warn(message)
     if chosen is None:
+        what = what or f"checkpoint.dir={str(ckpt_dir)!r}"
         raise CheckpointError(
-            f"checkpoint.dir={str(ckpt_dir)!r}: none of its {len(paths)} checkpoints is valid ("
-            + " | ".join(rejected) + "); restore the files, pick one with --resume-from PATH, or "
-            "start fresh with --no-resume")
+            f"{what}: none of its {len(paths)} checkpoints is valid (" + " | ".join(rejected)
+            + "); restore the files, pick one with --resume-from PATH, or start fresh with --no-resume")
     return chosen

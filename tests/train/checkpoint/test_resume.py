@@ -259,12 +259,10 @@ def test_reshard_zero3_dp2_to_dp1_continues_the_losses_and_other_targets_are_ref
     with only the Adam-step half, 2.5e-5 (out at step 7): each half is caught by the tolerance.
     Layouts DeepSpeed cannot load it into (ZeRO-1, or ZeRO-3 at TP=2) are refused with one line
     naming the field, before the engine is touched."""
-    import torch
-
     from gridtrain.launcher.config import load_config
-    from gridtrain.parallel.groups import ParallelContext
-    from gridtrain.train.checkpoint.checkpointer import Checkpointer
+    from gridtrain.parallel.layout import Layout
     from gridtrain.train.checkpoint.store import CheckpointError
+    from gridtrain.train.loop import build_checkpointer
 
     ref_cfg, ref_dir = write_config(tmp_path, corpus, "ref", tp=1, pp=1, zero=3)
     launch(WORKER, 2, [ref_cfg], timeout=300)
@@ -274,9 +272,9 @@ def test_reshard_zero3_dp2_to_dp1_continues_the_losses_and_other_targets_are_ref
 
     for name, tp, zero, expected in (("zero1", 1, 1, "parallel.zero_stage=1"), ("tp2", 2, 3, "parallel.tensor_parallel=2")):
         cfg, _ = write_config(tmp_path, corpus, name, tp=tp, pp=1, zero=zero, resume=str(source))
-        layout = ParallelContext(rank=0, world_size=tp, tp=tp, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0,
-                                 device=torch.device("cpu"), backend="gloo", mpu=None, topology=None)
-        with pytest.raises(CheckpointError) as refused:
-            Checkpointer(load_config([str(cfg)]), layout).resume(engine=None)  # refused before the engine is used
+        run_cfg = load_config([str(cfg)])
+        layout = Layout(tp=tp, pp=1, dp=1, zero_stage=zero, micro_batch_size=2, global_batch_size=GLOBAL_BATCH)
+        with pytest.raises(CheckpointError) as refused:  # refused before the engine is used
+            build_checkpointer(run_cfg, layout).resume(None, run_cfg.train.resume)
         message = str(refused.value)
         assert message.startswith(expected) and "TP 1 x PP 1 x DP 2, ZeRO 3" in message and "\n" not in message

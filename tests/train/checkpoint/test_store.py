@@ -8,21 +8,20 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from gridtrain.launcher.run_config import RunConfig
+from gridtrain.parallel.layout import Layout
 from gridtrain.train.checkpoint import manifest as manifest_mod
 from gridtrain.train.checkpoint.manifest import (
     build_manifest, digest_files, list_files, read_manifest, verify_checkpoint, write_text_atomic)
 from gridtrain.train.checkpoint.rng import capture_rng_state, restore_rng_state
 from gridtrain.train.checkpoint.store import (
-    BackgroundDeleter, CheckpointError, apply_retention, find_resumable, list_checkpoints, publish,
-    read_latest, remove_stale_temps, retention_victims, retire, temp_path)
-from gridtrain.train.config import CheckpointConfig, TrainConfig
+    BackgroundDeleter, CheckpointError, find_resumable, list_checkpoints, publish, read_latest,
+    remove_stale_temps, retention_victims, retire, temp_path)
+from gridtrain.train.config import CheckpointConfig
 from gridtrain.train.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from gridtrain.train.state import TrainState
 
@@ -144,7 +143,11 @@ def test_retention_keeps_last_k_and_every_mth(tmp_path):
     assert retention_victims([1, 2, 3], keep_last=0, keep_every=0) == []
     for step in (10, 20, 30, 40, 50):
         fake_checkpoint(tmp_path, step)
-    deleted = apply_retention(tmp_path, keep_last=2, keep_every=20)
+    deleter = BackgroundDeleter()  # what a save does: retire, then delete on the deleter's thread
+    retired = retire(tmp_path, keep_last=2, keep_every=20)
+    deleter.delete(retired)
+    deleter.wait()
+    deleted = [p.with_name(p.name.removeprefix(".tmp-deleting-")) for p in retired]
     assert [p.name for p in deleted] == ["step_00000010", "step_00000030"]
     assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 40, 50]
     assert not list(tmp_path.glob(".tmp-*"))
@@ -163,22 +166,45 @@ def test_retired_checkpoints_leave_the_published_set_at_once_and_are_deleted_in_
     assert verify_checkpoint(tmp_path / "step_00000003") == []
 
 
-def checkpointer_for(tmp_path: Path, resume: str, overwrite: bool):
-    from gridtrain.train.checkpoint.checkpointer import Checkpointer
+ONE_RANK = Layout(tp=1, pp=1, dp=1, zero_stage=0, micro_batch_size=1, global_batch_size=1)
 
-    cfg = RunConfig(train=TrainConfig(run_dir=str(tmp_path), resume=resume),
-                    checkpoint=CheckpointConfig(overwrite=overwrite))
-    return Checkpointer(cfg, SimpleNamespace(rank=0, world_size=1, tp=1, pp=1, dp=1))
+
+def test_a_failed_deletion_is_reported_once_naming_the_folder(tmp_path, monkeypatch, capsys):
+    for step in (1, 2, 3):
+        fake_checkpoint(tmp_path, step)
+    doomed = retire(tmp_path, keep_last=1, keep_every=0)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "unlink", refuse)  # every file of the retired folders resists deletion
+    deleter = BackgroundDeleter()
+    deleter.delete(doomed)
+    deleter.wait()
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.count("warning: could not delete the retired checkpoint") == 2  # once per folder
+    assert all(f"{path} (" in err for path in doomed) and "Permission denied" in err and "more" in err
+    assert all(path.exists() for path in doomed)  # left behind, and said so
+    deleter.delete(doomed)  # negative control: without the failure, silent and gone
+    deleter.wait()
+    assert capsys.readouterr().err == "" and not any(path.exists() for path in doomed)
+
+
+def checkpointer_for(tmp_path: Path, cfg: CheckpointConfig):
+    from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord, checkpoint_dir
+
+    return Checkpointer(cfg, ONE_RANK, RunRecord(ckpt_dir=checkpoint_dir(cfg, str(tmp_path))))
 
 
 def test_fresh_start_refuses_existing_checkpoints_unless_overwrite(tmp_path):
     fake_checkpoint(tmp_path / "checkpoints", 7)
     with pytest.raises(CheckpointError, match="checkpoint.overwrite=true"):
-        checkpointer_for(tmp_path, "none", overwrite=False).resume(engine=None)
-    assert checkpointer_for(tmp_path, "none", overwrite=True).resume(engine=None) is None
+        checkpointer_for(tmp_path, CheckpointConfig(overwrite=False)).resume(None, "none")
+    assert checkpointer_for(tmp_path, CheckpointConfig(overwrite=True)).resume(None, "none") is None
     moved = list(tmp_path.glob("checkpoints.replaced-*"))
     assert len(moved) == 1 and verify_checkpoint(moved[0] / "step_00000007") == []  # nothing lost
-    assert checkpointer_for(tmp_path, "auto", overwrite=False).resume(engine=None) is None
+    assert checkpointer_for(tmp_path, CheckpointConfig(overwrite=False)).resume(None, "auto") is None
 
 
 def test_rng_state_roundtrip_including_megatron_tracker():
@@ -234,14 +260,10 @@ def test_inspect_cli_reports_and_imports_no_torch(tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1
 
 
-def test_time_interval_makes_a_save_due():
-    from gridtrain.train.checkpoint.checkpointer import Checkpointer
-
-    cfg = RunConfig(checkpoint=CheckpointConfig(interval_steps=0, interval_minutes=1.0))
-    ckpt = Checkpointer(cfg, SimpleNamespace(rank=0, world_size=1, tp=1, pp=1, dp=1))
+def test_time_interval_makes_a_save_due(tmp_path):
+    ckpt = checkpointer_for(tmp_path, CheckpointConfig(interval_steps=0, interval_minutes=1.0))
     assert not ckpt._due(7)
     ckpt._last_save_time -= 61  # as if the last save were 61 s ago
     assert ckpt._due(7)
-    steps_only = Checkpointer(RunConfig(checkpoint=CheckpointConfig(interval_steps=5)),
-                              SimpleNamespace(rank=0, world_size=1, tp=1, pp=1, dp=1))
+    steps_only = checkpointer_for(tmp_path, CheckpointConfig(interval_steps=5))
     assert [s for s in range(1, 16) if steps_only._due(s)] == [5, 10, 15]

@@ -12,20 +12,18 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from gridtrain.launcher.run_config import RunConfig
 from gridtrain.parallel import groups
-from gridtrain.parallel.config import ParallelConfig
-from gridtrain.train.checkpoint.checkpointer import Checkpointer
+from gridtrain.parallel.layout import Layout
+from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord
 from gridtrain.train.checkpoint.manifest import verify_checkpoint
 from gridtrain.train.checkpoint.store import CheckpointError, read_latest
-from gridtrain.train.config import CheckpointConfig, TrainConfig
+from gridtrain.train.config import CheckpointConfig
 from gridtrain.train.preemption import StopRequest
 from gridtrain.train.state import TrainState
 
@@ -82,11 +80,10 @@ def train(engine, mode: str, first: int, last: int) -> list[float]:
 def checkpointer(mode: str, zero: int, ckpt_dir: Path, keep_last: int = 5) -> Checkpointer:
     world = dist.get_world_size()
     pp = world if mode == "pipe" else 1
-    cfg = RunConfig(parallel=ParallelConfig(zero_stage=zero, pipeline_parallel=pp),
-                    train=TrainConfig(run_dir=str(ckpt_dir.parent), resume="auto"),
-                    checkpoint=CheckpointConfig(dir=str(ckpt_dir), keep_last=keep_last))
-    ctx = SimpleNamespace(rank=dist.get_rank(), world_size=world, tp=1, pp=pp, dp=world // pp)
-    return Checkpointer(cfg, ctx)
+    gas = 2 if mode == "pipe" else 1
+    layout = Layout(tp=1, pp=pp, dp=world // pp, zero_stage=zero, micro_batch_size=MICRO,
+                    global_batch_size=MICRO * gas * (world // pp))
+    return Checkpointer(CheckpointConfig(keep_last=keep_last), layout, RunRecord(ckpt_dir=ckpt_dir))
 
 
 def state_at(step: int) -> TrainState:
@@ -108,21 +105,13 @@ def check_exact_resume(mode: str, zero: int, ckpt_dir: Path) -> dict:
     assert state.step == 6 and state.consumed_samples == state_at(6).consumed_samples, state
     resumed3 = build(mode, zero, seed=2)
     torch.manual_seed(999)
-    cp3 = checkpointer(mode, zero, ckpt_dir)
-    cp3.cfg = _with_resume(cp3.cfg, str(ckpt_dir / "step_00000003"))
-    state3 = cp3.resume(resumed3)
+    state3 = checkpointer(mode, zero, ckpt_dir).resume(resumed3, str(ckpt_dir / "step_00000003"))
     assert state3 == state_at(3), state3
     resumed = train(resumed3, mode, 4, 6)
     control = train(build(mode, zero, seed=2), mode, 4, 6)
     assert resumed == reference, (resumed, reference)
     assert control != reference, "negative control: an unrestored engine must give other losses"
     return {"before": before, "reference": reference, "resumed": resumed, "control": control}
-
-
-def _with_resume(cfg: RunConfig, resume: str) -> RunConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=resume))
 
 
 def check_corruption(mode: str, zero: int, ckpt_dir: Path) -> dict:

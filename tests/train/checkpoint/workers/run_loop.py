@@ -8,23 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from gridtrain.data.config import DataConfig
-from gridtrain.launcher.run_config import RunConfig
-from gridtrain.model.config import ModelConfig
-from gridtrain.parallel import engine as engine_mod
-from gridtrain.parallel.config import ParallelConfig
-from gridtrain.train.checkpoint import checkpointer as checkpoint_mod
-from gridtrain.train.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
-from gridtrain.train.loop import run
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # tests/, for json_run
 
-SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "optim": OptimConfig,
-            "train": TrainConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig}
+from json_run import load_run  # noqa: E402
 
-
-def load_config(path: str) -> RunConfig:
-    sections = json.loads(Path(path).read_text(encoding="utf-8"))
-    sections["data"]["blend"] = tuple(tuple(entry) for entry in sections["data"].get("blend", ()))
-    return RunConfig(**{name: SECTIONS[name](**values) for name, values in sections.items()})
+from gridtrain.parallel import engine as engine_mod  # noqa: E402
+from gridtrain.train.checkpoint import checkpointer as checkpoint_mod  # noqa: E402
+from gridtrain.train.loop import run  # noqa: E402
 
 
 def record_to(log: Path) -> None:
@@ -35,8 +25,8 @@ def record_to(log: Path) -> None:
     original_resume = checkpoint_mod.Checkpointer.resume
     original_step = engine_mod.TrainEngine.train_step
 
-    def resume(self, engine):
-        state = original_resume(self, engine)
+    def resume(self, engine, mode="auto"):
+        state = original_resume(self, engine, mode)
         write({"resumed": state.step if state else 0})
         return state
 
@@ -57,6 +47,6 @@ def record_to(log: Path) -> None:
 
 
 if __name__ == "__main__":
-    cfg = load_config(sys.argv[1])
+    cfg, layout = load_run(sys.argv[1])
     record_to(Path(cfg.train.run_dir) / f"samples.rank{os.environ['RANK']}.jsonl")
-    sys.exit(run(cfg))
+    sys.exit(run(cfg, layout))
