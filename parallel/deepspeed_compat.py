@@ -182,3 +182,53 @@ def forget_comm_backend() -> None:
 
     ds_comm.cdb = None
 
+
+# ---- reading checkpoint files offline ----------------------------------------------------------
+# DeepSpeed 0.19.8's checkpoint folder (<checkpoint>/ds): per model-parallel rank XX (the rank in the
+# TP x PP group, pipeline stage major) "mp_rank_XX_model_states.pt" (ZeRO-3: one
+# "zero_pp_rank_D_mp_rank_XX_model_states.pt" per DP rank D) holding the module's state dict (None
+# for a pipeline) and the client state; "zero_pp_rank_D_mp_rank_XX_optim_states.pt" per DP rank for
+# ZeRO >= 1; for a pipeline, "layer_NN-model_TT-model_states.pt" per layer NN and TP rank TT.
+
+def model_states_file(ds_dir, mp_rank: int, zero_stage: int):
+    from pathlib import Path
+
+    prefix = "zero_pp_rank_0_" if zero_stage == 3 else ""
+    return Path(ds_dir) / f"{prefix}mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def pipeline_layer_files(ds_dir) -> dict[tuple[int, int], object]:
+    """(layer index, TP rank) -> the file a pipeline stage wrote that layer's state dict to."""
+    import re
+    from pathlib import Path
+
+    found = {}
+    for path in Path(ds_dir).glob("layer_*-model_states.pt"):
+        match = re.fullmatch(r"layer_(\d+)-model_(\d+)-model_states\.pt", path.name)
+        if match:
+            found[int(match.group(1)), int(match.group(2))] = path
+    return found
+
+
+def zero_fp32_weights(ds_dir, mp_rank: int) -> dict:
+    """The fp32 master weights of one model-parallel rank, merged over its DP partitions by
+    DeepSpeed's zero_to_fp32 (ZeRO 1-3 at PP=1). zero_to_fp32 takes every *_optim_states.pt of a
+    folder as one rank's partitions, so each model-parallel rank's files are linked into a scratch
+    folder of their own; it reports progress on stdout/stderr, which is silenced."""
+    import contextlib
+    import io
+    import tempfile
+    from pathlib import Path
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    mark = f"mp_rank_{mp_rank:02d}_"
+    with tempfile.TemporaryDirectory(prefix="gridtrain-zero-") as scratch:
+        folder = Path(scratch) / "ds"
+        folder.mkdir()
+        for path in Path(ds_dir).iterdir():
+            if path.name.startswith(mark) or f"_{mark}" in path.name:
+                (folder / path.name).symlink_to(path.resolve())
+        quiet = io.StringIO()
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            return get_fp32_state_dict_from_zero_checkpoint(scratch, tag="ds")

@@ -1,6 +1,8 @@
 """Worker for test_equivalence.py: train the same tiny model on the same global batches under
-several layouts of this world, and save per-step losses, grad norms, an eval loss and the gathered
-full weights of each run (rank 0) to OUT_DIR/<family>-<layout>-w<world size>.pt.
+several layouts of this world, and save per-step losses, grad norms, an eval loss and the full
+weights of each run (rank 0) to OUT_DIR/<family>-<layout>-w<world size>.pt. The weights are those
+of a checkpoint the run saves through gridtrain's Checkpointer, read back layout-free by
+gridtrain.train.checkpoint.weights (what conversion reads).
 
 Usage (under tests/multirank.launch): equivalence_worker.py OUT_DIR LAYOUT [LAYOUT ...]
 LAYOUT is "tp<T>-pp<P>-z<Z>" (DP follows from the world size), or "perturbed" (the 1-rank run with
@@ -18,9 +20,12 @@ from gridtrain.model.config import ModelConfig
 from gridtrain.parallel import groups
 from gridtrain.parallel.config import ParallelConfig
 from gridtrain.parallel.engine import build_engine
-from gridtrain.parallel.gather import full_state_dict
 from gridtrain.parallel.layout import build_layout
-from gridtrain.train.config import OptimConfig
+from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord
+from gridtrain.train.checkpoint.manifest import verify_checkpoint
+from gridtrain.train.checkpoint.weights import read_weights
+from gridtrain.train.config import CheckpointConfig, OptimConfig
+from gridtrain.train.state import TrainState
 
 STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, LR = 3, 8, 2, 16, 300, 2e-3
 FAMILIES = {
@@ -60,6 +65,15 @@ OPTIM = OptimConfig(lr=LR, weight_decay=0.1, grad_clip=0.5)
 SEED = 7
 
 
+def saved_weights(checkpointer: Checkpointer, engine, step: int, rank: int) -> dict:
+    """Save a checkpoint of `step` (collective); on rank 0 its full weights read from the files."""
+    result = checkpointer.save(engine, TrainState(step=step))
+    if rank != 0:
+        return {}
+    assert verify_checkpoint(result.path) == [], result.path
+    return read_weights(result.path)
+
+
 def run_layout(family: str, name: str, out_dir: Path) -> None:
     perturbed = name == "perturbed"
     tp, pp, zero = (1, 1, 0) if perturbed else map(int, re.fullmatch(r"tp(\d)-pp(\d)-z(\d)", name).groups())
@@ -76,13 +90,15 @@ def run_layout(family: str, name: str, out_dir: Path) -> None:
         norms.append(result.grad_norm)
     eval_loss = engine.eval_loss(rank_micro_batches(global_batch(STEPS, False), ctx.dp_rank, ctx.dp),
                                  GLOBAL_BATCH // (MICRO_BATCH * ctx.dp))
-    weights = full_state_dict(engine, ctx, model)
+    checkpointer = Checkpointer(CheckpointConfig(keep_last=0), layout,
+                                RunRecord(ckpt_dir=out_dir / f"{family}-{name}-w{ctx.world_size}-ckpt", model=model))
+    weights = saved_weights(checkpointer, engine, STEPS, ctx.rank)
     layout_checks = check_layout(model, ctx, engine)
     # set_lr reaches the optimizer DeepSpeed steps (ZeRO's flat fp32 partitions included): one more
     # step at lr 0 must leave every weight bit-identical (AdamW's decay is lr-scaled too).
     engine.set_lr(0.0)
     engine.train_step(rank_micro_batches(global_batch(STEPS + 1, False), ctx.dp_rank, ctx.dp))
-    after = full_state_dict(engine, ctx, model)
+    after = saved_weights(checkpointer, engine, STEPS + 1, ctx.rank)
     layout_checks["lr0_step_unchanged"] = all(torch.equal(after[n], weights[n]) for n in weights)
     # Every rank reports its loss: the contract says it is the same number everywhere.
     all_losses = [None] * ctx.world_size

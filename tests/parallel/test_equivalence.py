@@ -95,8 +95,9 @@ def test_negative_control_one_changed_token_is_caught(results, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gathered_weights_are_unpadded_and_complete(results, family):
-    """full_state_dict is layout-free: vocab padding removed (384 at TP=1, 512 at TP=2, both cut
-    to 300), every parameter of the PP=1 Decoder present once, whatever the layout."""
+    """The weights read from a checkpoint are layout-free: vocab padding removed (384 at TP=1, 512
+    at TP=2, both cut to 300), every parameter of the PP=1 Decoder present once, whatever the
+    layout (TP, PP, ZeRO 0-3) that saved it."""
     ref = load(results, family, *REFERENCE)["weights"]
     vocab_params = {"gpt2": ["tied_modules.embed.word.weight"], "llama": ["0.word.weight", "4.proj.weight"]}[family]
     assert [ref[name].shape for name in vocab_params] == [(300, 64)] * len(vocab_params)
