@@ -32,7 +32,7 @@ _BOUNDS = {
     "train.eval_steps": (0, True, ""), "train.peak_flops": (0, False, "or null to measure it"),
     "checkpoint.interval_steps": (0, True, "(0 turns it off)"),
     "checkpoint.interval_minutes": (0, True, "(0 turns it off)"),
-    "checkpoint.keep_last": (1, True, ""), "checkpoint.keep_every": (0, True, "(0 turns it off)"),
+    "checkpoint.keep_last": (0, True, "(0 keeps every checkpoint)"), "checkpoint.keep_every": (0, True, "(0 turns it off)"),
     "logging.log_interval": (1, True, ""),
 }
 

@@ -34,6 +34,16 @@ def test_base_config_is_valid():
     validate(base(), None, "cpu")
 
 
+def test_keep_last_zero_keeps_every_checkpoint():
+    """README: checkpoint.keep_last 0 keeps all checkpoints; validation accepts it and retention
+    then deletes none (the negative keep_last case above is refused)."""
+    from gridtrain.train.checkpoint.store import retention_victims
+
+    validate(base(checkpoint=dict(keep_last=0)), 2, "cpu")
+    assert retention_victims([1, 2, 3], keep_last=0, keep_every=0) == []
+    assert retention_victims([1, 2, 3], keep_last=1, keep_every=0) == [1, 2]
+
+
 def test_validation_returns_the_layout():
     layout = validate(base(parallel=dict(tensor_parallel=2), train=dict(global_batch_size=16, micro_batch_size=2)), 8, "cpu")
     assert (layout.tp, layout.pp, layout.dp, layout.grad_accum_steps) == (2, 1, 4, 2)
@@ -108,6 +118,9 @@ CASES = {
     "non-positive hidden size": (
         dict(model=dict(hidden_size=0)), 2, "cpu", ("model.hidden_size", 0, "must be >= 1")),
     "zero steps": (dict(train=dict(steps=0)), 2, "cpu", ("train.steps", 0, "must be >= 1")),
+    "negative keep_last": (
+        dict(checkpoint=dict(keep_last=-1)), 2, "cpu",
+        ("checkpoint.keep_last", -1, "must be >= 0 (0 keeps every checkpoint)")),
     "non-positive lr": (dict(optim=dict(lr=0.0)), 2, "cpu", ("optim.lr", 0.0, "must be > 0")),
     "min_lr above lr": (
         dict(optim=dict(lr=1e-4, min_lr=1e-3)), 2, "cpu",

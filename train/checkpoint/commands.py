@@ -12,14 +12,17 @@ from gridtrain.train.checkpoint.store import list_checkpoints, read_latest
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("checkpoint", help="inspect checkpoints")
+    parser = subparsers.add_parser("checkpoint", help="inspect and reshard checkpoints")
     sub = parser.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
     inspect = sub.add_parser("inspect", help="print step, layout, sizes and validity of checkpoints")
     inspect.add_argument("path", help="a checkpoint (step_XXXXXXXX folder) or a folder of checkpoints")
     inspect.add_argument("--quick", action="store_true", help="check file sizes only, skip the sha256 pass")
     inspect.add_argument("--json", action="store_true", help="one JSON object per checkpoint instead of text")
     inspect.set_defaults(handler=inspect_command)
-    reshard = sub.add_parser("reshard", help="write a checkpoint for another TP x PP x DP layout")
+    reshard = sub.add_parser(
+        "reshard", help="write a checkpoint for another TP x PP x DP layout",
+        description="Spawns the new layout's ranks on this node (validated like training ranks); each "
+                    "loads its shard of PATH through DeepSpeed's universal form and saves into --out.")
     reshard.add_argument("path", help="the source checkpoint (a step_XXXXXXXX folder)")
     reshard.add_argument("--tp", type=int, required=True, help="tensor-parallel size of the new layout")
     reshard.add_argument("--pp", type=int, required=True, help="pipeline-parallel size of the new layout")
