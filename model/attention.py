@@ -12,6 +12,17 @@ from gridtrain.model.init import normal_init
 from gridtrain.model.rotary import apply_rotary, rotary_cos_sin
 
 
+def tp_project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A megatron-core TP linear layer's output (communicating over TP as it does)."""
+    return layer(x)[0]
+
+
+def local_project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The same product at TP = 1, without megatron-core's autograd wrapper around it (~30 us a
+    call, a third of a decoding step's matmul time at hidden 512): inference only."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
 class SelfAttention(nn.Module):
     """q, k, v are separate ColumnParallelLinears and o a RowParallelLinear, so TP rank r holds the
     contiguous heads [r*H/tp, (r+1)*H/tp) and kv heads [r*KV/tp, (r+1)*KV/tp): the full weights are
@@ -37,26 +48,52 @@ class SelfAttention(nn.Module):
         self.local_heads = self.q_proj.output_size_per_partition // d
         self.local_kv_heads = self.k_proj.output_size_per_partition // d
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-        """x (B, T, h) replicated on the TP ranks -> (B, T, h), all-reduced over TP by o_proj."""
+    def _qkv(self, x: torch.Tensor, position_ids: torch.Tensor, project=tp_project, rotary=rotary_cos_sin):
+        """q (B, nh, T, d), k and v (B, nkv, T, d) of x (B, T, h); rotated for llama."""
         B, T, _ = x.shape
         d = self.cfg.head_dim
-        q = self.q_proj(x)[0].view(B, T, self.local_heads, d).transpose(1, 2)  # (B, nh, T, d)
-        k = self.k_proj(x)[0].view(B, T, self.local_kv_heads, d).transpose(1, 2)  # (B, nkv, T, d)
-        v = self.v_proj(x)[0].view(B, T, self.local_kv_heads, d).transpose(1, 2)  # (B, nkv, T, d)
+        if project is local_project and hasattr(self, "fused_qkv"):  # one matmul (fuse_projections)
+            weight, bias = self.fused_qkv
+            q, k, v = F.linear(x, weight, bias).split([self.local_heads * d, self.local_kv_heads * d,
+                                                        self.local_kv_heads * d], dim=-1)
+        else:
+            q, k, v = project(self.q_proj, x), project(self.k_proj, x), project(self.v_proj, x)
+        q = q.reshape(B, T, self.local_heads, d).transpose(1, 2)
+        k = k.reshape(B, T, self.local_kv_heads, d).transpose(1, 2)
+        v = v.reshape(B, T, self.local_kv_heads, d).transpose(1, 2)
         if self.cfg.family == "llama":
-            cos, sin = rotary_cos_sin(position_ids, d, self.cfg.rope_theta)
+            cos, sin = rotary(position_ids, d, self.cfg.rope_theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, project=tp_project, **mask) -> torch.Tensor:
+        """(B, T, h) out of q (B, nh, T, d) over k, v (B, nkv, S, d), all-reduced over TP by o_proj.
+        Each kv head serves `group` consecutive query heads: training repeats k and v; inference
+        (local_project, a growing cache) lets SDPA share them without copies (enable_gqa)."""
+        B, _, T, d = q.shape
         group = self.local_heads // self.local_kv_heads
-        if group > 1:  # each kv head serves `group` consecutive query heads
+        if group > 1 and project is local_project:
+            mask["enable_gqa"] = True
+        elif group > 1:
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, **mask)
+        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, self.local_heads * d))
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        """x (B, T, h) replicated on the TP ranks -> (B, T, h), all-reduced over TP by o_proj."""
+        q, k, v = self._qkv(x, position_ids)
         if self.segment_mask:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=segment_causal_mask(segment_ids))
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = y.transpose(1, 2).reshape(B, T, self.local_heads * d)  # (B, T, nh_local * d)
-        return self.o_proj(y)[0]
+            return self._attend(q, k, v, attn_mask=segment_causal_mask(segment_ids))
+        return self._attend(q, k, v, is_causal=True)
+
+    def forward_cached(self, x: torch.Tensor, position_ids: torch.Tensor, cache, layer: int) -> torch.Tensor:
+        """Inference at TP = 1 with a KV cache (gridtrain.model.generation.KVCache): x (B, T, h)
+        are the tokens after the cache.length already seen; their k, v are stored in the cache and
+        each query attends to the valid keys before it (and always to itself)."""
+        q, k, v = self._qkv(x, position_ids, local_project, cache.rotary)
+        keys, values = cache.store(layer, k, v)  # (B, nkv, S, d), S = cache.length + T
+        return self._attend(q, keys, values, local_project, **cache.attention_mask)
 
 
 def segment_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:

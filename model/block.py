@@ -4,7 +4,7 @@ from megatron.core import ModelParallelConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gridtrain.model.attention import SelfAttention
+from gridtrain.model.attention import SelfAttention, local_project
 from gridtrain.model.config import ModelConfig
 from gridtrain.model.mlp import MLP
 from gridtrain.model.norms import build_norm
@@ -28,6 +28,11 @@ class Block(nn.Module):
     def _hidden(self, x: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), position_ids, segment_ids)
         return x + self.mlp(self.mlp_norm(x))
+
+    def forward_cached(self, x: torch.Tensor, position_ids: torch.Tensor, cache, layer: int) -> torch.Tensor:
+        """Inference at TP = 1 with a KV cache (see SelfAttention.forward_cached): x (B, T, h) -> (B, T, h)."""
+        x = x + self.attn.forward_cached(self.attn_norm(x), position_ids, cache, layer)
+        return x + self.mlp(self.mlp_norm(x), local_project)
 
     def forward(self, inputs: Activations) -> Activations:
         x, position_ids, segment_ids = inputs

@@ -79,6 +79,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_size: int, seed: int, segment_mask: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.tp_size = tp_size
         self.tied_modules = nn.ModuleDict()
         self._forward_funcs: list[Callable] = []
         for index, factory in enumerate(build_layer_factories(cfg, tp_size, seed, segment_mask)):
@@ -97,4 +98,21 @@ class Decoder(nn.Module):
         x = (tokens, position_ids, segment_ids)
         for layer in self._forward_funcs:
             x = layer(x)
+        return x
+
+    def forward_cached(self, tokens: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Inference over the tokens (B, T) that follow the cache.length already in `cache`
+        (gridtrain.model.generation.KVCache), which is then advanced -> logits (B, T, padded_vocab).
+        Inference at TP = 1 only (blocks skip megatron-core's TP wrappers)."""
+        if self.tp_size != 1:
+            raise ValueError(f"cached inference runs at tensor_parallel 1, not {self.tp_size}")
+        cache.begin(tokens.shape[1])
+        x, block = (tokens, position_ids, torch.zeros_like(tokens)), 0
+        for layer in self._forward_funcs:
+            if isinstance(layer, Block):
+                x = (layer.forward_cached(x[0], x[1], cache, block), x[1], x[2])
+                block += 1
+            else:
+                x = layer(x)
+        cache.advance(tokens.shape[1])
         return x

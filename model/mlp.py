@@ -7,6 +7,7 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
+from gridtrain.model.attention import tp_project
 from gridtrain.model.config import ModelConfig
 from gridtrain.model.init import normal_init
 
@@ -32,8 +33,13 @@ class MLP(nn.Module):
             self.up_proj = ColumnParallelLinear(h, f, **column)
             self.down_proj = RowParallelLinear(f, h, **row)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, h) -> (B, T, h); the inner (B, T, ffn/tp) lives on each TP rank."""
+    def forward(self, x: torch.Tensor, project=tp_project) -> torch.Tensor:
+        """x (B, T, h) -> (B, T, h); the inner (B, T, ffn/tp) lives on each TP rank. `project` runs
+        each linear layer (gridtrain.model.attention.local_project for inference at TP = 1)."""
         if self.family == "gpt2":
-            return self.fc_out(F.gelu(self.fc_in(x)[0], approximate="tanh"))[0]
-        return self.down_proj(F.silu(self.gate_proj(x)[0]) * self.up_proj(x)[0])[0]
+            return project(self.fc_out, F.gelu(project(self.fc_in, x), approximate="tanh"))
+        if hasattr(self, "fused_gate_up"):  # inference: one matmul (gridtrain.model.generation.fuse_projections)
+            gate, up = F.linear(x, self.fused_gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = project(self.gate_proj, x), project(self.up_proj, x)
+        return project(self.down_proj, F.silu(gate) * up)
