@@ -212,9 +212,11 @@ def pipeline_layer_files(ds_dir) -> dict[tuple[int, int], object]:
 
 def zero_fp32_weights(ds_dir, mp_rank: int) -> dict:
     """The fp32 master weights of one model-parallel rank, merged over its DP partitions by
-    DeepSpeed's zero_to_fp32 (ZeRO 1-3 at PP=1). zero_to_fp32 takes every *_optim_states.pt of a
-    folder as one rank's partitions, so each model-parallel rank's files are linked into a scratch
-    folder of their own; it reports progress on stdout/stderr, which is silenced."""
+    DeepSpeed's zero_to_fp32 (ZeRO 1-3 at PP=1), lazily: values are memory-mapped tensors or
+    zero_to_fp32's pseudo tensors, each with .shape and .contiguous(). zero_to_fp32 takes every
+    *_optim_states.pt of a folder as one rank's partitions, so each model-parallel rank's files
+    are linked into a scratch folder of their own; it reports progress on stdout/stderr, which is
+    silenced."""
     import contextlib
     import io
     import tempfile
@@ -231,4 +233,4 @@ def zero_fp32_weights(ds_dir, mp_rank: int) -> dict:
                 (folder / path.name).symlink_to(path.resolve())
         quiet = io.StringIO()
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            return get_fp32_state_dict_from_zero_checkpoint(scratch, tag="ds")
+            return get_fp32_state_dict_from_zero_checkpoint(scratch, tag="ds", lazy_mode=True)

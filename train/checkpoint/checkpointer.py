@@ -57,6 +57,13 @@ def library_versions() -> dict:
     return found
 
 
+def verify_together(path: Path) -> list[str]:
+    """verify_checkpoint with every rank checksumming a share of the files. Collective."""
+    rank, world = rank_and_world()
+    problems = verify_checkpoint(path, checksums=True, share=(rank, world))
+    return sorted({p for part in all_gather_object(problems) for p in part})
+
+
 def _ds(engine):
     """gridtrain's TrainEngine wraps the DeepSpeed engine; DeepSpeed engines are accepted as is."""
     return getattr(engine, "ds_engine", engine)
@@ -147,20 +154,15 @@ class Checkpointer:
         checkpoints with a warning naming the bad file."""
         what = f"train.resume={str(root)!r}" if explicit else f"checkpoint.dir={str(root)!r}"
         if (root / MANIFEST_NAME).exists() or (explicit and not list_checkpoints(root)):
-            chosen, rejected = choose_valid([root], verify=self._verify_together)
+            chosen, rejected = choose_valid([root], verify=verify_together)
             if chosen is None:
                 raise CheckpointError(f"{what}: not a valid checkpoint ({rejected[0]}); restore the files, "
                                       "pick another with --resume-from PATH, or start fresh with --no-resume")
             return chosen
         # Rank 0's listing for all: a save could publish between two ranks' directory reads.
-        return find_resumable(root, verify=self._verify_together, what=what,
+        return find_resumable(root, verify=verify_together, what=what,
                               listed=lambda folder: broadcast_object(candidates(folder)),
                               warn=lambda message: note(f"warning: {message}"))
-
-    def _verify_together(self, path: Path) -> list[str]:
-        rank, world = rank_and_world()
-        problems = verify_checkpoint(path, checksums=True, share=(rank, world))
-        return sorted({p for part in all_gather_object(problems) for p in part})
 
     def _load(self, engine, path: Path) -> TrainState:
         manifest = read_manifest(path)

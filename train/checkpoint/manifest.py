@@ -19,6 +19,14 @@ _CHUNK = 8 * 2**20
 _OFFLOAD_MIN = 2**20
 
 
+def saved_model(ckpt: Path):
+    """The ModelConfig of the run that wrote checkpoint `ckpt` (from its state file)."""
+    from gridtrain.model.config import ModelConfig
+
+    config = json.loads((Path(ckpt) / STATE_NAME).read_text(encoding="utf-8"))["config"]
+    return ModelConfig(**config["model"])
+
+
 def file_digest(path: Path) -> tuple[int, str]:
     """(size in bytes, sha256 hex) of one file, read in chunks so memory stays flat."""
     digest = hashlib.sha256()
