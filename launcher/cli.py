@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "gridtrain.launcher.commands",  # train, launch, env
     "gridtrain.data.commands",  # tokenizer, preprocess, data
     "gridtrain.train.checkpoint.commands",  # checkpoint
+    "gridtrain.convert.commands",  # convert, generate
     "gridtrain.launcher.demo",  # demo
 )
 

@@ -8,7 +8,8 @@ from gridtrain.launcher.run_config import RunConfig
 
 def check_inputs(cfg: RunConfig) -> None:
     """Raise one ConfigError for a missing/unreadable tokenizer, a tokenizer larger than
-    model.vocab_size, and blend prefixes without PREFIX.bin + PREFIX.idx."""
+    model.vocab_size, blend prefixes without PREFIX.bin + PREFIX.idx, and a train.init_from whose
+    model differs from the model section."""
     problems = []
     tokenizer = cfg.data.tokenizer
     if tokenizer:
@@ -23,5 +24,9 @@ def check_inputs(cfg: RunConfig) -> None:
                 problems.append(("model.vocab_size", cfg.model.vocab_size, f"the tokenizer {tokenizer} has {pieces} "
                                  f"pieces; set model.vocab_size to at least {pieces}"))
     problems += missing_shard_problems(cfg.data.blend)
+    if cfg.train.init_from:
+        from gridtrain.convert.sources import init_from_problems  # reads config files only, no torch
+
+        problems += init_from_problems(cfg.model, cfg.train.init_from)
     if problems:
         raise ConfigError(problems)

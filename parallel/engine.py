@@ -124,8 +124,9 @@ def build_model(ctx, model: ModelConfig, seed: int, segment_mask: bool) -> torch
 
 
 def build_engine(ctx, model: ModelConfig, optim: OptimConfig, dtype: str = "fp32", seed: int = 1234,
-                 segment_mask: bool = False) -> TrainEngine:
-    """This rank's stage of `model` (weights seeded from `seed`; segment_mask: attention stays
+                 segment_mask: bool = False, initial_weights=None) -> TrainEngine:
+    """This rank's stage of `model` (weights seeded from `seed`, or taken from the full tensors of
+    `initial_weights`, a gridtrain.convert.sources weight source; segment_mask: attention stays
     within documents) in DeepSpeed for ctx.layout: ZeRO stage, `dtype`, clipping, AdamW per
     `optim`. Collective: every rank of the world calls it with the same arguments."""
     import deepspeed
@@ -134,6 +135,10 @@ def build_engine(ctx, model: ModelConfig, optim: OptimConfig, dtype: str = "fp32
 
     ds_config = build_ds_config(ctx.layout, optim, dtype)
     module = build_model(ctx, model, seed, segment_mask)
+    if initial_weights is not None:  # before deepspeed.initialize, which partitions ZeRO-3 weights
+        from gridtrain.parallel.full_weights import assign_full_weights
+
+        assign_full_weights(module, initial_weights, model.num_layers, ctx.tp, ctx.tp_rank)
     optimizer = build_optimizer(module, optim)
     if not deepspeed_clips(ctx.layout.zero_stage, dtype):
         install_clipping(optimizer, optim.grad_clip, ctx.mpu)

@@ -170,6 +170,25 @@ def initialize(parallel: ParallelConfig, layout: Layout) -> ParallelContext:
     )
 
 
+def single_process_env() -> None:
+    """The variables torchrun would give the only rank of a one-process world, where not set."""
+    import socket
+
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+
+
+def initialize_single(parallel: ParallelConfig) -> ParallelContext:
+    """A one-rank world (TP = PP = DP = 1) for single-process tools such as generation."""
+    single_process_env()
+    return initialize(parallel, Layout(tp=1, pp=1, dp=1, zero_stage=0, micro_batch_size=1, global_batch_size=1))
+
+
 def check_topology_agreement(topology, rank: int) -> None:
     """Raise if megatron-core's groups for `rank` differ from DeepSpeed's topology: the pipeline
     engine would then exchange activations and gradients with ranks the TP layers do not expect."""

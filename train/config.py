@@ -31,6 +31,9 @@ class TrainConfig:
     # Peak FLOP/s per device for MFU; None: measured by a matmul probe at start-up (CPU).
     peak_flops: Optional[float] = None
     resume: str = "auto"  # "auto" | "none" | a checkpoint path
+    # Initial weights from a Hugging Face folder or a gridtrain checkpoint instead of random ones
+    # (fresh optimizer, step 0, data position 0); a checkpoint of this run, when resumed, wins.
+    init_from: Optional[str] = None
 
 
 @dataclass(frozen=True)

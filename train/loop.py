@@ -97,10 +97,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine_of(cfg: RunConfig, ctx):
+def build_engine_of(cfg: RunConfig, ctx, note=None):
+    """The run's engine; with train.init_from, its weights come from there (each rank reads its
+    own slices; a checkpoint's files are verified by all ranks together first)."""
     from gridtrain.parallel.engine import build_engine
 
-    return build_engine(ctx, cfg.model, cfg.optim, cfg.train.dtype, cfg.train.seed, cfg.data.reset_attention_mask)
+    initial = None
+    if cfg.train.init_from:
+        from gridtrain.convert.sources import open_weights
+        from gridtrain.train.checkpoint.checkpointer import verify_together
+
+        initial = open_weights(cfg.train.init_from, verify=verify_together)
+        if note is not None:
+            note(f"initial weights from {initial.path} (train.init_from)")
+    return build_engine(ctx, cfg.model, cfg.optim, cfg.train.dtype, cfg.train.seed, cfg.data.reset_attention_mask,
+                        initial_weights=initial)
 
 
 def build_checkpointer(cfg: RunConfig, layout: Layout):
@@ -123,7 +134,7 @@ def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:
     train_data, valid_data = build_data(cfg)
     if valid_data is None or cfg.train.eval_steps == 0:
         writer.note(f"validation off: data.split={cfg.data.split!r} gives it no documents or train.eval_steps=0")
-    engine = build_engine_of(cfg, ctx)
+    engine = build_engine_of(cfg, ctx, writer.note)
     checkpointer = build_checkpointer(cfg, ctx.layout)
     state = checkpointer.resume(engine, cfg.train.resume) or TrainState(step=0, consumed_samples=0)
     if state.step:

@@ -1,0 +1,1 @@
+"""gridtrain.convert: Hugging Face and GGUF export, Hugging Face import, weight sources."""
