@@ -4,7 +4,6 @@ load with no extra arguments. The weights stream one gridtrain layer at a time f
 one layer; everything is written into a temporary folder next to --out and renamed into place at
 the end, so a failed export never leaves a folder that looks complete."""
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from gridtrain.convert.safetensors_stream import Planned, ShardWriter, plan_shar
 from gridtrain.launcher.errors import UserError
 from gridtrain.model.config import ModelConfig
 from gridtrain.model.naming import split_name
+from gridtrain.train.checkpoint.manifest import fsync_file
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -97,35 +97,23 @@ def export_hf(source, out: Path, dtype: str, max_shard_bytes: int, force: bool, 
     """Write the HF folder `out` for `source`; refuses a non-empty `out` unless `force`."""
     from transformers import GenerationConfig
 
+    from gridtrain.convert.hf_tokenizer import write_tokenizer_files
+
     if dtype not in DTYPES:
         raise UserError(f"--dtype={dtype}: use one of {', '.join(DTYPES)}")
     if tokenizer is None:
         raise UserError(f"{source.path}: no tokenizer.model to export with the weights; the checkpoint's run "
                         "had no data.tokenizer")
     with temporary_folder(out, force) as folder:
-        ids = write_tokenizer(tokenizer, folder, source.model.max_seq_len)
+        ids = write_tokenizer_files(tokenizer, folder, source.model.max_seq_len)
         hf_config(source.model, dtype, ids).save_pretrained(folder)
         # eos stops generation; greedy by default, as `gridtrain generate` at temperature 0.
         GenerationConfig(bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"), pad_token_id=ids.get("pad"),
                          do_sample=False).save_pretrained(folder)
         write_weights(source, folder, dtype, max_shard_bytes)
         for path in folder.iterdir():
-            _fsync(path)
+            fsync_file(path)
         return publish_folder(folder, out, force)
-
-
-def write_tokenizer(model_path: str, folder: Path, max_length: int) -> dict:
-    from gridtrain.convert.hf_tokenizer import write_tokenizer_files
-
-    return write_tokenizer_files(model_path, folder, max_length)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def parse_size(text: str) -> int:
