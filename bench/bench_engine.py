@@ -30,7 +30,7 @@ WARMUP_STEPS, TIMED_STEPS = 2, 6
 MEMORY_MODEL = dict(vocab_size=8000, hidden_size=256, num_layers=4, num_attention_heads=8, num_kv_heads=4)
 
 
-def run_config(model_fields: dict, zero_stage: int, global_batch: int, micro: int, seq: int = SEQ):
+def run_config(model_fields: dict, zero_stage: int, global_batch: int, micro: int, seq: int = SEQ, dtype: str = "fp32"):
     from gridtrain.data.config import DataConfig
     from gridtrain.launcher.run_config import RunConfig
     from gridtrain.model.config import ModelConfig
@@ -42,7 +42,7 @@ def run_config(model_fields: dict, zero_stage: int, global_batch: int, micro: in
         parallel=ParallelConfig(zero_stage=zero_stage),
         data=DataConfig(seq_length=seq),
         optim=OptimConfig(lr=3e-4, weight_decay=0.1, grad_clip=1.0),
-        train=TrainConfig(global_batch_size=global_batch, micro_batch_size=micro, seed=1234),
+        train=TrainConfig(global_batch_size=global_batch, micro_batch_size=micro, seed=1234, dtype=dtype),
     )
 
 
@@ -148,20 +148,22 @@ def gradient_tensors(ds_engine) -> list:
 
 def optimizer_tensors(ds_engine) -> tuple[list, list]:
     """(fp32 master weights, Adam moments) held by the optimizer. At ZeRO-0 in fp32 the torch AdamW
-    steps the model weights themselves: no separate master copy (the formula counts none either)."""
+    steps the model weights themselves: no separate master copy (the formula counts none either);
+    in bf16 DeepSpeed's wrapper holds fp32 copies (fp32_groups)."""
     stage = ds_engine.zero_optimization_stage()
-    inner = ds_engine.optimizer.optimizer if stage else ds_engine.optimizer
+    wrapped = stage or ds_engine.bfloat16_enabled()
+    inner = ds_engine.optimizer.optimizer if wrapped else ds_engine.optimizer
     moments = [v for state in inner.state.values() for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")]
     name = {1: "single_partition_of_fp32_groups", 2: "single_partition_of_fp32_groups",
-            3: "fp32_partitioned_groups_flat"}.get(stage)
+            3: "fp32_partitioned_groups_flat"}.get(stage, "fp32_groups" if wrapped else None)
     master = list(tensors_in(getattr(ds_engine.optimizer, name))) if name else []
     return master, moments
 
 
-def measure_zero_stage(stage: int) -> dict:
+def measure_zero_stage(stage: int, dtype: str) -> dict:
     from gridtrain.parallel import groups
 
-    cfg = run_config(MEMORY_MODEL, zero_stage=stage, global_batch=8, micro=2, seq=64)
+    cfg = run_config(MEMORY_MODEL, zero_stage=stage, global_batch=8, micro=2, seq=64, dtype=dtype)
     _, engine = start_engine(cfg)
     ds = engine.ds_engine
     peak_grads = [0]
@@ -177,7 +179,7 @@ def measure_zero_stage(stage: int) -> dict:
         engine.train_step(iter(synthetic_batches(engine.grad_accum_steps, 2, seq=64, seed=seed)))
     master, moments = optimizer_tensors(ds)
     params = sum(getattr(p, "ds_numel", p.numel()) for p in ds.module.parameters())
-    result = {"stage": stage, "params": params, "master_weights": storage_bytes(master),
+    result = {"stage": stage, "dtype": dtype, "params": params, "master_weights": storage_bytes(master),
               "adam_moments": storage_bytes(moments), "gradients": peak_grads[0]}
     del engine, ds
     groups.destroy(world=False)
@@ -187,7 +189,7 @@ def measure_zero_stage(stage: int) -> dict:
 def memory_worker(out_path: str) -> None:
     from gridtrain.parallel import groups
 
-    results = [measure_zero_stage(stage) for stage in range(4)]
+    results = [measure_zero_stage(stage, dtype) for dtype in ("fp32", "bf16") for stage in range(4)]
     per_rank = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(per_rank, results)
     if torch.distributed.get_rank() == 0:
@@ -215,15 +217,16 @@ def memory_rows(per_rank: list[list[dict]]) -> tuple[list, float]:
     from gridtrain.parallel.memory_estimate import zero_memory_per_rank
 
     rows, worst = [], 0.0
-    for stage in range(4):
-        measured = max((rank[stage] for rank in per_rank), key=lambda r: r["master_weights"] + r["adam_moments"] + r["gradients"])
-        formula = zero_memory_per_rank(measured["params"], 2, stage, "fp32")
+    for index, run in enumerate(per_rank[0]):
+        stage, dtype = run["stage"], run["dtype"]
+        measured = max((rank[index] for rank in per_rank), key=lambda r: r["master_weights"] + r["adam_moments"] + r["gradients"])
+        formula = zero_memory_per_rank(measured["params"], 2, stage, dtype)
         parts = ("master_weights", "adam_moments", "gradients")
         got, want = sum(measured[k] for k in parts), sum(formula[k] for k in parts)
         worst = max(worst, abs(got / want - 1))
         short = {"master_weights": "fp32 master", "adam_moments": "Adam m+v", "gradients": "grads"}
         detail = ", ".join(f"{short[k]} {measured[k] / 2**20:.1f}/{formula[k] / 2**20:.1f}" for k in parts)
-        rows.append((f"ZeRO-{stage} DP=2 optimizer-state memory per rank", f"{got / 2**20:.1f} MiB",
+        rows.append((f"{dtype} ZeRO-{stage} DP=2 optimizer-state memory per rank", f"{got / 2**20:.1f} MiB",
                      f"paper formula {want / 2**20:.1f} MiB ({got / want - 1:+.3%}); measured/formula MiB: {detail}"))
     return rows, worst
 

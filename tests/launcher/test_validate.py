@@ -32,6 +32,8 @@ def problems_of(cfg: RunConfig, world_size=2, device="cpu") -> list:
 def test_base_config_is_valid():
     validate(base(), 2, "cpu")
     validate(base(), None, "cpu")
+    validate(base(train=dict(dtype="bf16"), parallel=dict(zero_stage=1)), 2, "cpu")  # bf16 trains on CPU too
+    validate(base(train=dict(dtype="bf16"), parallel=dict(pipeline_parallel=2)), 2, "cpu")  # ZeRO-0 in a pipeline
 
 
 def test_keep_last_zero_keeps_every_checkpoint():
@@ -104,10 +106,14 @@ CASES = {
         dict(model=dict(make_vocab_size_divisible_by=0)), 2, "cpu",
         ("model.make_vocab_size_divisible_by", 0, "must be >= 1 (the vocab is padded to a multiple of it x "
          "parallel.tensor_parallel so every TP rank holds an equal slice; Megatron's default is 128)")),
-    "bf16 on CPU": (
+    "bf16 at ZeRO-0 without a pipeline": (
         dict(train=dict(dtype="bf16")), 2, "cpu",
-        ("train.dtype", "bf16", "CPU runs train in fp32 (fp16/bf16 go through DeepSpeed's CUDA mixed-precision "
-                                "path); set train.dtype to fp32")),
+        ("parallel.zero_stage", 0, "with train.dtype bf16 and no pipeline, DeepSpeed's ZeRO-0 bf16 optimizer drifts "
+         "from fp32-master AdamW and miscounts the gradient norm under TP; use zero_stage 1 (the same memory at "
+         "data_parallel 1)")),
+    "fp16 on CPU": (
+        dict(train=dict(dtype="fp16")), 2, "cpu",
+        ("train.dtype", "fp16", "DeepSpeed trains fp16 only on CUDA devices; use bf16 or fp32 on CPU")),
     "nccl on CPU": (
         dict(parallel=dict(backend="nccl")), 2, "cpu",
         ("parallel.backend", "nccl", "NCCL needs CUDA devices; use auto or gloo on CPU")),
@@ -160,12 +166,13 @@ def test_each_rule_names_field_value_and_fix(name):
 
 
 def test_cuda_only_settings_pass_on_cuda():
-    cfg = base(parallel=dict(tensor_parallel=2, backend="nccl"), train=dict(dtype="bf16"))
+    cfg = base(parallel=dict(tensor_parallel=2, backend="nccl", zero_stage=1), train=dict(dtype="bf16"))
     validate(cfg, 4, "cuda")
 
 
 def test_unimplemented_cuda_options_are_refused_not_ignored():
-    cfg = base(parallel=dict(sequence_parallel=True, tensor_parallel=2, init_device="cuda"), train=dict(dtype="bf16"))
+    cfg = base(parallel=dict(sequence_parallel=True, tensor_parallel=2, init_device="cuda", zero_stage=1),
+               train=dict(dtype="bf16"))
     assert [field for field, _, _ in problems_of(cfg, 4, "cuda")] == ["parallel.sequence_parallel",
                                                                       "parallel.init_device"]
 

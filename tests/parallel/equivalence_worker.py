@@ -6,7 +6,8 @@ gridtrain.train.checkpoint.weights (what conversion reads).
 
 Usage (under tests/multirank.launch): equivalence_worker.py OUT_DIR LAYOUT [LAYOUT ...]
 LAYOUT is "tp<T>-pp<P>-z<Z>" (DP follows from the world size), or "perturbed" (the 1-rank run with
-one token of one training sample changed: the negative control).
+one token of one training sample changed: the negative control; ZeRO-0 in fp32, ZeRO-1 in bf16 like
+the bf16 reference), either with "-bf16" appended for DeepSpeed's bf16 mixed precision.
 """
 import gc
 import os
@@ -75,13 +76,15 @@ def saved_weights(checkpointer: Checkpointer, engine, step: int, rank: int) -> d
 
 
 def run_layout(family: str, name: str, out_dir: Path) -> None:
-    perturbed = name == "perturbed"
-    tp, pp, zero = (1, 1, 0) if perturbed else map(int, re.fullmatch(r"tp(\d)-pp(\d)-z(\d)", name).groups())
+    perturbed = name.startswith("perturbed")
+    dtype = "bf16" if name.endswith("-bf16") else "fp32"
+    layout_name = name.removesuffix("-bf16")
+    tp, pp, zero = (1, 1, 1 if dtype == "bf16" else 0) if perturbed else map(int, re.fullmatch(r"tp(\d)-pp(\d)-z(\d)", layout_name).groups())
     model = FAMILIES[family]
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, zero_stage=zero)
     layout = build_layout(parallel, MICRO_BATCH, GLOBAL_BATCH, int(os.environ["WORLD_SIZE"]))
     ctx = groups.initialize(parallel, layout)
-    engine = build_engine(ctx, model, OPTIM, seed=SEED)
+    engine = build_engine(ctx, model, OPTIM, dtype=dtype, seed=SEED)
     losses, norms = [], []
     for step in range(STEPS):
         engine.set_lr(LR)
@@ -91,7 +94,8 @@ def run_layout(family: str, name: str, out_dir: Path) -> None:
     eval_loss = engine.eval_loss(rank_micro_batches(global_batch(STEPS, False), ctx.dp_rank, ctx.dp),
                                  GLOBAL_BATCH // (MICRO_BATCH * ctx.dp))
     checkpointer = Checkpointer(CheckpointConfig(keep_last=0), layout,
-                                RunRecord(ckpt_dir=out_dir / f"{family}-{name}-w{ctx.world_size}-ckpt", model=model))
+                                RunRecord(ckpt_dir=out_dir / f"{family}-{name}-w{ctx.world_size}-ckpt", model=model,
+                                          dtype=dtype))
     weights = saved_weights(checkpointer, engine, STEPS, ctx.rank)
     layout_checks = check_layout(model, ctx, engine)
     # set_lr reaches the optimizer DeepSpeed steps (ZeRO's flat fp32 partitions included): one more

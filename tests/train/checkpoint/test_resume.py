@@ -31,7 +31,7 @@ def corpus(tmp_path_factory) -> dict:
 
 
 def write_config(tmp_path: Path, corpus: dict, name: str, tp: int, pp: int, zero: int,
-                 steps: int = STEPS, interval: int = 2, resume: str = "auto") -> tuple[Path, Path]:
+                 steps: int = STEPS, interval: int = 2, resume: str = "auto", dtype: str = "fp32") -> tuple[Path, Path]:
     """Config of a tiny llama run; checkpoints every `interval` steps, keeping the last 2 and every
     4th step (the reshard test starts from step 4 of the DP=2 reference)."""
     run_dir = tmp_path / name
@@ -43,7 +43,7 @@ def write_config(tmp_path: Path, corpus: dict, name: str, tp: int, pp: int, zero
                  "tokenizer": corpus["tokenizer"]},
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "weight_decay": 0.01},
         "train": {"steps": steps, "global_batch_size": GLOBAL_BATCH, "micro_batch_size": 2,
-                  "run_dir": str(run_dir), "eval_interval": 0, "eval_steps": 1, "resume": resume},
+                  "run_dir": str(run_dir), "eval_interval": 0, "eval_steps": 1, "resume": resume, "dtype": dtype},
         "checkpoint": {"interval_steps": interval, "keep_last": 2, "keep_every": 4},
         "logging": {"tensorboard": False},
     }
@@ -139,10 +139,11 @@ def check_same_as_reference(ref_dir: Path, run_dir: Path) -> None:
         assert all(len(set(s[step])) == len(s[step]) for s in ref_streams.values())
 
 
-def test_tp2_pp2_sigkill_and_restart_is_bit_identical(tmp_path, corpus):
-    ref_cfg, ref_dir = write_config(tmp_path, corpus, "ref", tp=2, pp=2, zero=1)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_tp2_pp2_sigkill_and_restart_is_bit_identical(tmp_path, corpus, dtype):
+    ref_cfg, ref_dir = write_config(tmp_path, corpus, "ref", tp=2, pp=2, zero=1, dtype=dtype)
     launch(WORKER, 4, [ref_cfg], timeout=300)
-    cfg, run_dir = write_config(tmp_path, corpus, "killed", tp=2, pp=2, zero=1)
+    cfg, run_dir = write_config(tmp_path, corpus, "killed", tp=2, pp=2, zero=1, dtype=dtype)
     proc = start(cfg, 4)
     wait_for_step(proc, run_dir, 5)
     kill_run(proc)
@@ -156,6 +157,8 @@ def test_tp2_pp2_sigkill_and_restart_is_bit_identical(tmp_path, corpus):
     # The losses move from step to step, so matching them step by step is informative.
     losses = [r["loss"] for r in train_records(ref_dir)]
     assert len(set(losses)) == len(losses)
+    manifest = json.loads((run_dir / "checkpoints" / "step_00000010" / "manifest.json").read_text())
+    assert manifest["layout"]["dtype"] == dtype
 
 
 def resumed_steps(run_dir: Path) -> list[int]:
