@@ -7,7 +7,11 @@ STAMP := $(VENV)/.gridtrain-installed
 # One thread per rank on CPU: ranks share two cores here.
 RUN_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: venv test demo bench clean
+# The GPU check runs with the node's own Python (no .venv there); its missing wheels come from
+# GPU_WHEELS, written by `make gpu-wheels` on a machine that reaches the package registry.
+GPU_WHEELS ?= gpu-wheels
+
+.PHONY: venv test demo bench gpu-check gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -27,5 +31,13 @@ demo: venv
 bench: venv
 	$(RUN_ENV) $(BIN)/python -m bench
 
+gpu-check:
+	GPU_WHEELS=$(GPU_WHEELS) $(PYTHON) bench/gpu_check.py
+
+gpu-wheels: venv
+	rm -rf $(GPU_WHEELS).partial
+	$(BIN)/python bench/gpu_wheels.py build $(GPU_WHEELS).partial
+	rm -rf $(GPU_WHEELS) && mv $(GPU_WHEELS).partial $(GPU_WHEELS)
+
 clean:
-	rm -rf $(VENV) runs demo
+	rm -rf $(VENV) runs demo $(GPU_WHEELS)
