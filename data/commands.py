@@ -82,7 +82,8 @@ def preprocess_command(args) -> int:
                   for reason, entry in summary["bad"].items())
     print(f"preprocess: {summary['documents']} documents, {summary['tokens']} tokens, "
           f"{summary['input_bytes'] / 1e6:.1f} MB in, {summary['output_bytes'] / 1e6:.1f} MB out, "
-          f"{summary['skipped']} skipped, {summary['seconds']:.1f} s "
+          f"{summary['empty_documents']['count']} empty documents skipped, {summary['skipped']} bad records skipped, "
+          f"{summary['seconds']:.1f} s "
           f"({summary['tokens_per_second'] / 1e3:.0f}k tokens/s) -> "
           + ", ".join(s["prefix"] for s in summary["shards"]) + bad)
     return 0

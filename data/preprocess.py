@@ -34,13 +34,19 @@ class PreprocessOptions:
     max_bad_fraction: float = 0.01
 
 
+# Empty (or whitespace-only) documents are skipped and counted, not errors: a corpus of source files
+# has empty files (1.6% of a Python stdlib corpus), and Megatron-LM's tool skips them too.
+EMPTY = "empty"
+
+
 @dataclass
 class Totals:
     documents: int = 0
     tokens: int = 0
     records: int = 0
     input_bytes: int = 0
-    bad: dict = field(default_factory=dict)
+    bad: dict = field(default_factory=dict)  # malformed records: reason -> [count, locations]
+    empty: list = field(default_factory=lambda: [0, []])  # [count, locations] of empty documents
 
     def add(self, result: encode.EncodedChunk) -> None:
         self.documents += len(result.lengths)
@@ -48,7 +54,7 @@ class Totals:
         self.records += result.records
         self.input_bytes += result.input_bytes
         for reason, (count, where) in result.bad.items():
-            entry = self.bad.setdefault(reason, [0, []])
+            entry = self.empty if reason == EMPTY else self.bad.setdefault(reason, [0, []])
             entry[0] += count
             entry[1].extend(where[: encode.KEEP_LOCATIONS - len(entry[1])])
 
@@ -75,7 +81,7 @@ class Progress:
         elapsed = max(now - self.start, 1e-9)
         done = min(totals.input_bytes / self.total_bytes, 1.0) if self.total_bytes else 1.0
         rates = (f"{totals.input_bytes / 1e6 / elapsed:6.1f} MB/s {totals.tokens / elapsed / 1e3:8.1f}k tok/s "
-                 f"{totals.documents} docs {totals.skipped} skipped")
+                 f"{totals.documents} docs {totals.empty[0]} empty {totals.skipped} bad")
         if self.tty:
             bar = "#" * int(30 * done) + "-" * (30 - int(30 * done))
             self.stream.write(f"\r[{bar}] {100 * done:5.1f}% {rates}" + ("\n" if final else ""))
@@ -160,6 +166,7 @@ def check_bad_fraction(totals: Totals, max_bad_fraction: float) -> None:
     if totals.documents == 0:
         raise UserError(f"--input: no usable document in {totals.records} records"
                         + (f" ({bad_report(totals)})" if totals.bad else "")
+                        + (f" ({totals.empty[0]} empty)" if totals.empty[0] else "")
                         + "; check --json-key and the input format")
     fraction = totals.skipped / max(totals.records, 1)
     if fraction > max_bad_fraction:
@@ -176,6 +183,7 @@ def build_summary(opts, files, totals: Totals, shards, dtype, seconds: float) ->
         "input_bytes": totals.input_bytes, "output_bytes": output_bytes,
         "skipped": totals.skipped,
         "bad": {reason: {"count": count, "first": where} for reason, (count, where) in sorted(totals.bad.items())},
+        "empty_documents": {"count": totals.empty[0], "first": totals.empty[1]},
         "seconds": round(seconds, 3),
         "tokens_per_second": round(totals.tokens / max(seconds, 1e-9), 1),
         "mb_per_second": round(totals.input_bytes / 1e6 / max(seconds, 1e-9), 3),

@@ -100,15 +100,30 @@ def test_bad_records_counted_with_line_numbers(tmp_path, tokenizer_model):
     path = bad_input(tmp_path)
     summary = run([path], tokenizer_model, tmp_path / "ok", max_bad_fraction=0.9)
     bad = {reason: entry["count"] for reason, entry in summary["bad"].items()}
-    assert bad == {"invalid-json": 1, "missing-key": 2, "non-utf8": 2, "empty": 1}
+    assert bad == {"invalid-json": 1, "missing-key": 2, "non-utf8": 2}
+    assert summary["empty_documents"] == {"count": 1, "first": [f"{path}:5"]}  # skipped, not an error
     assert summary["bad"]["missing-key"]["first"] == [f"{path}:3", f"{path}:9"]
     assert summary["bad"]["non-utf8"]["first"] == [f"{path}:4", f"{path}:6"]
     assert summary["documents"] == 2 and summary["records"] == 8
     assert read_docs(tmp_path / "ok") == expected_ids(tokenizer_model, ["good one", "good two"])
 
-    with pytest.raises(UserError, match=r"6 of 8 records .*invalid-json: 1 \(first at .*bad.jsonl:2\)"):
+    with pytest.raises(UserError, match=r"5 of 8 records .*invalid-json: 1 \(first at .*bad.jsonl:2\)"):
         run([path], tokenizer_model, tmp_path / "strict")
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "ok.bin", "ok.idx", "ok.summary.json"]
+
+
+def test_empty_documents_are_skipped_not_errors(tmp_path, tokenizer_model):
+    """A source corpus has empty files: they are counted and skipped under the default 1% limit,
+    which a single malformed record among as few documents still exceeds."""
+    docs = ["first document"] + [""] * 3 + ["  \n\t "] + ["another document", "a third one"]
+    path = write_jsonl(tmp_path / "sparse.jsonl", docs)
+    summary = run([path], tokenizer_model, tmp_path / "sparse")
+    assert summary["documents"] == 3 and summary["empty_documents"]["count"] == 4 and summary["bad"] == {}
+    assert read_docs(tmp_path / "sparse") == expected_ids(tokenizer_model, [docs[0], docs[5], docs[6]])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(open(path).read() + "{not json\n")
+    with pytest.raises(UserError, match="1 of 8 records"):
+        run([str(broken)], tokenizer_model, tmp_path / "broken")
 
 
 def test_cli_errors_are_one_line(tmp_path, tokenizer_model, capsys):
