@@ -4,6 +4,7 @@ The main process reads raw chunks and writes shards; a pool of workers decodes, 
 encodes chunks. Results come back in input order, so the output is byte-identical for any
 --workers. At most a few chunks per worker are in flight (Pool.imap would read the whole input
 ahead into its task queue), so memory stays bounded whatever the input size."""
+import contextlib
 import json
 import multiprocessing
 import os
@@ -19,6 +20,9 @@ from gridtrain.data.shards import ShardWriter, shard_prefix, token_dtype
 from gridtrain.launcher.errors import UserError
 
 IN_FLIGHT_PER_WORKER = 4
+# Input queued for the workers before the writer's slow import runs in this process (~4 s of
+# encoding on 2 cores at ~8 MB/s; bounded, so a large corpus does not sit in memory).
+AHEAD_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -90,21 +94,40 @@ class Progress:
         self.stream.flush()
 
 
-def ordered_results(chunks: Iterable, settings: encode.EncodeSettings, workers: int) -> Iterator:
-    if workers <= 1:
-        encode.init_worker(settings.model_path)
-        for chunk in chunks:
-            yield encode.encode_chunk(chunk, settings)
-        return
+@contextlib.contextmanager
+def encoding_pool(settings: encode.EncodeSettings, workers: int):
+    """The worker processes; even one worker is a process of its own, so the writer's import
+    (see import_writer) runs beside it."""
     context = multiprocessing.get_context("fork")
     with context.Pool(workers, initializer=encode.init_worker, initargs=(settings.model_path,)) as pool:
-        pending = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(encode.encode_chunk, (chunk, settings)))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                yield pending.popleft().get()
-        while pending:
+        yield pool
+
+
+def ordered_results(chunks: Iterable, settings: encode.EncodeSettings, pool, workers: int, meanwhile=None) -> Iterator:
+    """Encoded chunks in input order. `meanwhile()` runs in this process once up to AHEAD_BYTES of
+    input are queued for the workers, so they encode while it runs."""
+    pending, queued = deque(), 0
+    for chunk in chunks:
+        pending.append(pool.apply_async(encode.encode_chunk, (chunk, settings)))
+        queued += len(chunk.data)
+        if meanwhile is not None:
+            if queued < AHEAD_BYTES:
+                continue
+            meanwhile()
+            meanwhile = None
+        if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
             yield pending.popleft().get()
+    if meanwhile is not None:
+        meanwhile()
+    while pending:
+        yield pending.popleft().get()
+
+
+def import_writer() -> None:
+    """megatron-core's dataset writer takes ~4 s to import (megatron/core/__init__ imports its
+    tensor-parallel and transformer packages, torch and torch._inductor): done while the workers
+    encode the first AHEAD_BYTES instead of before they start."""
+    import megatron.core.datasets.indexed_dataset  # noqa: F401 - imported for ShardWriter, later
 
 
 def preprocess(opts: PreprocessOptions, stream: TextIO = sys.stderr) -> dict:
@@ -120,18 +143,16 @@ def preprocess(opts: PreprocessOptions, stream: TextIO = sys.stderr) -> dict:
         files = readers.select_part(files, opts.part)
     dtype = token_dtype(processor.GetPieceSize())
     settings = encode.EncodeSettings(os.path.abspath(opts.tokenizer), opts.json_key, eod, dtype.__name__)
-    # megatron-core takes seconds to import; doing it before the clock and the pool start keeps it
-    # out of the throughput figures and keeps the workers from idling while the writer imports it.
-    import megatron.core.datasets.indexed_dataset  # noqa: F401
-
     writer = ShardWriter(opts.output_prefix, dtype, opts.shard_size_tokens, opts.part)
     totals, started = Totals(), time.perf_counter()
     progress = Progress(sum(os.path.getsize(f) for f in files), stream)
     try:
-        for result in ordered_results(readers.all_chunks(files, opts.txt_mode), settings, opts.workers):
-            writer.add(result.tokens, result.lengths)
-            totals.add(result)
-            progress.update(totals)
+        with encoding_pool(settings, opts.workers) as pool:
+            chunks = readers.all_chunks(files, opts.txt_mode)
+            for result in ordered_results(chunks, settings, pool, opts.workers, meanwhile=import_writer):
+                writer.add(result.tokens, result.lengths)
+                totals.add(result)
+                progress.update(totals)
         progress.update(totals, final=True)
         check_bad_fraction(totals, opts.max_bad_fraction)
         shards = writer.finish()

@@ -136,9 +136,14 @@ def test_cli_errors_are_one_line(tmp_path, tokenizer_model, capsys):
         assert err[-1].startswith("gridtrain: error: ") and message in err[-1] and "Traceback" not in "".join(err)
 
 
-def test_failed_run_removes_partial_files(tmp_path, corpus_docs, tokenizer_model):
+def test_failed_run_removes_partial_files(tmp_path, corpus_docs, tokenizer_model, monkeypatch):
     """A corrupt gzip fails after several chunks were written: a UserError names the file and
     nothing of the run is left."""
+    from gridtrain.data import preprocess as module
+
+    # Write from the first chunk on, not after 64 MB (or 4 chunks per worker) are queued ahead.
+    monkeypatch.setattr(module, "AHEAD_BYTES", 0)
+    monkeypatch.setattr(module, "IN_FLIGHT_PER_WORKER", 1)
     data = gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in corpus_docs * 4).encode())
     (tmp_path / "in" ).mkdir()
     (tmp_path / "in" / "corrupt.jsonl.gz").write_bytes(data[: len(data) * 3 // 4])
