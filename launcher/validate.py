@@ -49,6 +49,7 @@ def validate(cfg: RunConfig, world_size: int | None, device: str) -> Layout:
     problems += _precision(cfg, bad)
     problems += _optim_and_train(cfg, bad)
     problems += _data(cfg, bad)
+    problems += _logging(cfg)
     if problems:
         raise ConfigError(problems)
     return build_layout(cfg.parallel, cfg.train.micro_batch_size, cfg.train.global_batch_size, world_size)
@@ -185,6 +186,23 @@ def _optim_and_train(cfg: RunConfig, bad: set) -> list[Problem]:
     if t.eval_interval > 0 and t.eval_steps < 1 and "train.eval_steps" not in bad:
         problems.append(("train.eval_steps", t.eval_steps, "must be >= 1 when train.eval_interval > 0; "
                          "or set eval_interval to 0 to turn evaluation off"))
+    return problems
+
+
+def _logging(cfg: RunConfig) -> list[Problem]:
+    import importlib.util
+
+    log = cfg.logging
+    if log.wandb_project is None:
+        return []
+    problems = []
+    if not log.wandb_project:
+        problems.append(("logging.wandb_project", log.wandb_project, "name a W&B project, or null to turn W&B off"))
+    if importlib.util.find_spec("wandb") is None:
+        problems.append(("logging.wandb_project", log.wandb_project, "wandb is not installed: pip install "
+                         "'gridtrain[wandb]', or set logging.wandb_project to null"))
+    if not all(isinstance(tag, str) for tag in log.wandb_tags):
+        problems.append(("logging.wandb_tags", list(log.wandb_tags), "must be a list of strings"))
     return problems
 
 

@@ -54,3 +54,10 @@ class LoggingConfig:
     log_interval: int = 1
     jsonl: bool = True
     tensorboard: bool = True
+    # Weights & Biases (the `wandb` extra): the same records as metrics.jsonl, from rank 0. A project
+    # turns it on; a restarted run continues the same W&B run (its id is kept in the run folder).
+    wandb_project: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_name: Optional[str] = None  # None: the run folder's name
+    wandb_mode: Literal["online", "offline"] = "online"
+    wandb_tags: tuple = ()

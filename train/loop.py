@@ -4,6 +4,7 @@ train_step() / evaluate() each step -> summary -> tear down. `reshard(cfg, layou
 `gridtrain checkpoint reshard`: resume under the new layout, save. Only these two see the whole
 run config; each component gets its own section and the Layout."""
 import dataclasses
+import json
 import math
 import random
 import time
@@ -97,6 +98,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def config_record(cfg: RunConfig) -> dict:
+    """The resolved run config as plain JSON values (for checkpoints and W&B)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
 def build_engine_of(cfg: RunConfig, ctx, note=None):
     """The run's engine; with train.init_from, its weights come from there (each rank reads its
     own slices; a checkpoint's files are verified by all ranks together first)."""
@@ -115,20 +121,18 @@ def build_engine_of(cfg: RunConfig, ctx, note=None):
 
 
 def build_checkpointer(cfg: RunConfig, layout: Layout):
-    import json
-
     from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord, checkpoint_dir
 
     record = RunRecord(ckpt_dir=checkpoint_dir(cfg.checkpoint, cfg.train.run_dir), model=cfg.model,
                        dtype=cfg.train.dtype, tokenizer=cfg.data.tokenizer,
-                       config=json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+                       config=config_record(cfg))
     return Checkpointer(cfg.checkpoint, layout, record)
 
 
 def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:
     from gridtrain.train.state import TrainState
 
-    writer = build_metrics_writer(cfg.logging, cfg.train.run_dir, ctx.rank == 0, cfg.train.steps)
+    writer = build_metrics_writer(cfg.logging, cfg.train.run_dir, ctx.rank == 0, cfg.train.steps, config_record(cfg))
     writer.note(f"rank layout: world {ctx.world_size} = TP {ctx.tp} x PP {ctx.pp} x DP {ctx.dp}, "
                 f"ZeRO {ctx.layout.zero_stage}, {ctx.backend} on {ctx.device}")
     train_data, valid_data = build_data(cfg)

@@ -3,6 +3,7 @@ consumed samples, written by rank 0 to the console (one compact line), <run_dir>
 TensorBoard (<run_dir>/tensorboard)."""
 import json
 import math
+import secrets
 import time
 from pathlib import Path
 
@@ -129,15 +130,49 @@ def format_record(record: dict, total_steps: int) -> str:
     )
 
 
-class MetricsWriter:
-    """Sinks of rank 0: console, JSONL, TensorBoard. On other ranks every sink is None and the
-    writer stays silent, so callers need no rank checks."""
+class WandbSink:
+    """A Weights & Biases run getting every record: train/*, val/*, checkpoint/* keyed by the
+    trainer's step (its own x-axis, so a restart that repeats steps after the last checkpoint is
+    logged rather than dropped as non-monotonic). Its id lives in <run_dir>/wandb-run-id, so a
+    resumed run continues the same W&B run."""
 
-    def __init__(self, total_steps: int, console: bool, jsonl_file=None, tensorboard=None):
+    ID_FILE = "wandb-run-id"
+
+    def __init__(self, cfg: LoggingConfig, run_dir: str, run_config: dict):
+        import wandb
+
+        id_file = Path(run_dir) / self.ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)  # W&B: [a-z0-9]+
+        if not id_file.exists():
+            tmp = id_file.with_name(id_file.name + ".tmp")
+            tmp.write_text(run_id + "\n")
+            tmp.replace(id_file)
+        self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity,
+                              name=cfg.wandb_name or Path(run_dir).resolve().name, tags=list(cfg.wandb_tags),
+                              mode=cfg.wandb_mode, id=run_id, resume="allow", dir=run_dir, config=run_config)
+        self.run.define_metric("trainer/step")
+        self.run.define_metric("*", step_metric="trainer/step")
+
+    def write(self, record: dict) -> None:
+        prefix = {"eval": "val", "checkpoint": "checkpoint"}.get(record["kind"], "train")
+        data = {f"{prefix}/{key}": value for key, value in record.items()
+                if key not in ("kind", "step", "time") and isinstance(value, (int, float))}
+        self.run.log({"trainer/step": record["step"], **data})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsWriter:
+    """Sinks of rank 0: console, JSONL, TensorBoard, W&B. On other ranks every sink is None and
+    the writer stays silent, so callers need no rank checks."""
+
+    def __init__(self, total_steps: int, console: bool, jsonl_file=None, tensorboard=None, wandb=None):
         self.total_steps = total_steps
         self.console = console
         self.jsonl_file = jsonl_file
         self.tensorboard = tensorboard
+        self.wandb = wandb
 
     def note(self, text: str) -> None:
         if self.console:
@@ -152,6 +187,8 @@ class MetricsWriter:
             self.jsonl_file.flush()
         if self.tensorboard is not None:
             self._write_tensorboard(record)
+        if self.wandb is not None:
+            self.wandb.write(record)
 
     def _write_tensorboard(self, record: dict) -> None:
         prefix = {"eval": "val", "checkpoint": "checkpoint"}.get(record["kind"], "train")
@@ -169,11 +206,14 @@ class MetricsWriter:
             self.jsonl_file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
-def build_metrics_writer(cfg: LoggingConfig, run_dir: str, is_main: bool, total_steps: int) -> MetricsWriter:
+def build_metrics_writer(cfg: LoggingConfig, run_dir: str, is_main: bool, total_steps: int,
+                         run_config: dict | None = None) -> MetricsWriter:
     """Open the sinks LoggingConfig asks for, on rank 0 only. The JSONL file is appended to, so a
-    resumed run continues the same file."""
+    resumed run continues the same file; `run_config` (the resolved config) is W&B's run config."""
     if not is_main:
         return MetricsWriter(total_steps, console=False)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -183,4 +223,5 @@ def build_metrics_writer(cfg: LoggingConfig, run_dir: str, is_main: bool, total_
         from torch.utils.tensorboard import SummaryWriter
 
         tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-    return MetricsWriter(total_steps, console=True, jsonl_file=jsonl_file, tensorboard=tensorboard)
+    wandb = WandbSink(cfg, run_dir, run_config or {}) if cfg.wandb_project else None
+    return MetricsWriter(total_steps, console=True, jsonl_file=jsonl_file, tensorboard=tensorboard, wandb=wandb)

@@ -212,3 +212,14 @@ def test_real_llama_dims():
     assert (eight.parallel.tensor_parallel, eight.parallel.pipeline_parallel, eight.parallel.zero_stage) == (8, 1, 1)
     assert (seventy.model.hidden_size, seventy.model.num_layers, seventy.model.ffn_size, seventy.model.kv_heads) == (8192, 80, 28672, 8)
     assert (seventy.parallel.tensor_parallel, seventy.parallel.pipeline_parallel) == (8, 4)
+
+
+def test_wandb_without_the_package_is_one_problem(monkeypatch):
+    import importlib.util
+
+    cfg = base(logging=dict(wandb_project="p"))
+    validate(cfg, 2, "cpu")  # installed here (the dev stack)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    assert problems_of(cfg) == [("logging.wandb_project", "p", "wandb is not installed: pip install "
+                                 "'gridtrain[wandb]', or set logging.wandb_project to null")]
