@@ -49,7 +49,7 @@ def resolve(env: Mapping[str, str]) -> RankEnv:
     if "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
         world = _int(env, "SLURM_STEP_NUM_TASKS") if "SLURM_STEP_NUM_TASKS" in env else _int(env, "SLURM_NTASKS")
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-        addr = env.get("MASTER_ADDR") or (first_host(nodes) if nodes else "127.0.0.1")
+        addr = env.get("MASTER_ADDR") or (master_host(first_host(nodes)) if nodes else "127.0.0.1")
         # Every task of the job must pick the same port without talking: derive it from the job id.
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000
         return RankEnv("slurm", _int(env, "SLURM_PROCID"), world, _int(env, "SLURM_LOCALID", 0), addr, port)
@@ -115,6 +115,24 @@ def first_host(nodelist: str) -> str:
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()[0]
     return expand_nodelist(nodelist)[0]
+
+
+def master_host(node: str) -> str:
+    """An address for Slurm node `node`: its name when that resolves (the usual case, no extra
+    call), else the NodeAddr Slurm reaches it by (`scontrol show node`). Sites whose node names
+    are not host names (and several slurmd on one host, as in the tests) need the NodeAddr; asking
+    only when the name fails keeps a large job from sending one scontrol RPC per rank."""
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except OSError:
+        pass
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "-o", "show", "node", node], capture_output=True, text=True)
+        match = re.search(r"\bNodeAddr=(\S+)", out.stdout) if out.returncode == 0 else None
+        if match:
+            return match.group(1)
+    return node
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
