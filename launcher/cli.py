@@ -10,6 +10,8 @@ from gridtrain.launcher.errors import UserError
 # Modules exposing `register(subparsers)`; each imports torch/deepspeed only inside its handlers.
 COMMAND_MODULES = (
     "gridtrain.launcher.commands",  # train, launch, env
+    "gridtrain.launcher.submit",  # submit
+    "gridtrain.launcher.slurm_job",  # slurm-job (hidden: the batch script's steps)
     "gridtrain.data.commands",  # tokenizer, preprocess, data
     "gridtrain.train.checkpoint.commands",  # checkpoint
     "gridtrain.convert.commands",  # convert, generate

@@ -1,0 +1,105 @@
+"""`gridtrain slurm-job start|end CONFIG`: the decisions of the batch script `gridtrain submit`
+renders, kept in Python. Not listed in `gridtrain --help`: only that script calls them. No torch.
+
+start: says which job and restart this is and where its master is, and exits FINISHED_EXIT_CODE
+       when the run's newest checkpoint has already reached train.steps, so a chained or requeued
+       job with nothing left to train ends at once instead of loading every rank.
+end:   maps the ranks' exit status onto the job's fate: 0 finished; PREEMPTED_EXIT_CODE (a
+       checkpoint was written) -> `scontrol requeue` unless SLURM_RESTART_COUNT has reached the cap;
+       anything else is a failure and is returned as the job's exit code."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from gridtrain.launcher.errors import UserError
+
+FINISHED_EXIT_CODE = 3  # the batch script turns it into exit 0 without starting the ranks
+
+
+def register(subparsers) -> None:
+    # No help=: argparse then leaves the command out of `gridtrain --help`.
+    job = subparsers.add_parser("slurm-job", description="Steps of the batch script of `gridtrain submit`.")
+    job.add_argument("step", choices=("start", "end"))
+    job.add_argument("config", metavar="CONFIG", help="the resolved config the job trains")
+    job.add_argument("--status", type=int, default=0, help="end: the exit status of srun")
+    job.add_argument("--max-requeues", type=int, default=0, help="end: requeue at most this many times")
+    job.set_defaults(handler=slurm_job_command)
+
+
+def say(message: str) -> None:
+    print(f"gridtrain: {message}", file=sys.stderr, flush=True)
+
+
+def slurm_job_command(args) -> int:
+    from gridtrain.launcher.config import load_config
+
+    cfg = load_config([args.config])
+    if args.step == "start":
+        return start(cfg, os.environ)
+    return end(cfg, args.status, args.max_requeues, os.environ)
+
+
+def job_id(env) -> str:
+    """The id `scontrol requeue` needs: an array task is <array job id>_<task id>."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if not env.get("SLURM_JOB_ID"):
+        raise UserError("SLURM_JOB_ID is not set: `gridtrain slurm-job` runs inside the batch script of "
+                        "`gridtrain submit`, not by hand")
+    return env["SLURM_JOB_ID"]
+
+
+def finished_checkpoint(cfg) -> Path | None:
+    """The newest checkpoint if it is complete (manifest and files present) and at train.steps or
+    beyond, else None. Sizes only, no checksums: resuming verifies fully anyway."""
+    from gridtrain.train.checkpoint.manifest import verify_checkpoint
+    from gridtrain.train.checkpoint.store import list_checkpoints
+
+    ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.train.run_dir) / "checkpoints")
+    published = list_checkpoints(ckpt_dir)
+    if not published or published[-1][0] < cfg.train.steps:
+        return None
+    path = published[-1][1]
+    return None if verify_checkpoint(path, checksums=False) else path
+
+
+def start(cfg, env) -> int:
+    from gridtrain.launcher.rank_env import first_host, master_host
+
+    restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
+    done = finished_checkpoint(cfg)
+    if done is not None:
+        say(f"job {job_id(env)}: training already finished ({done.name} reached train.steps="
+            f"{cfg.train.steps}); nothing to do")
+        return FINISHED_EXIT_CODE
+    nodes = env.get("SLURM_JOB_NODELIST", "")
+    master = master_host(first_host(nodes)) if nodes else "?"
+    port = 20000 + int(env.get("SLURM_JOB_ID") or 0) % 20000  # as rank discovery derives it
+    say(f"job {job_id(env)} restart {restarts}: nodes {nodes or '?'}, {env.get('SLURM_NTASKS', '?')} ranks, "
+        f"master {master}:{port}, run {cfg.train.run_dir}")
+    return 0
+
+
+def end(cfg, status: int, max_requeues: int, env) -> int:
+    from gridtrain.train.preemption import PREEMPTED_EXIT_CODE
+
+    jid = job_id(env)
+    if status == 0:
+        say(f"job {jid}: training finished at train.steps={cfg.train.steps}")
+        return 0
+    if status != PREEMPTED_EXIT_CODE:
+        say(f"job {jid}: the ranks failed (srun exit status {status}); not requeued: see the ranks' output above")
+        return status
+    restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
+    if restarts >= max_requeues:
+        say(f"job {jid}: stopped with a checkpoint but not requeued: it has been requeued {restarts} time(s), "
+            f"the cap (--max-requeues {max_requeues}); submit again to continue")
+        return PREEMPTED_EXIT_CODE
+    result = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True)
+    if result.returncode != 0:
+        say(f"job {jid}: stopped with a checkpoint, but `scontrol requeue {jid}` failed: "
+            f"{' '.join(result.stderr.split())}; submit again to continue")
+        return PREEMPTED_EXIT_CODE
+    say(f"job {jid}: stopped with a checkpoint; requeued (restart {restarts + 1} of at most {max_requeues})")
+    return 0

@@ -1,0 +1,160 @@
+"""`gridtrain submit` through real Slurm daemons (two slurmd, n1 and n2, on this machine): a 2-node
+TP=2 run trains, checkpoints and finishes, and a job started after it exits 0 at once; the full
+preemption cycle (USR1 -> save -> exit 75 -> requeue -> resume) reproduces the uninterrupted run's
+losses bit for bit; the requeue cap ends a job that keeps being stopped; and `--chain 2` finishes
+the run in its second job.
+
+The first job of the chain is cut by `scancel --signal=USR1`, not by its time limit: Slurm's
+limits are whole minutes and the controller checks them about every 30 s, so a real time-limit
+warning would cost minutes per test. The signal is the same one `--signal=USR1@<grace>` sends
+(to every task of the job steps), so the ranks and the batch script see the same thing."""
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tiny_corpus import build_tiny_corpus
+
+GRIDTRAIN = [sys.executable, "-m", "gridtrain.launcher.cli"]
+WORDS = "the quick brown fox jumps over the lazy dog while seven cats sleep on a warm red roof".split()
+STEPS = 60
+BATCH = 4
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    import random
+
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(200)]
+    return build_tiny_corpus(tmp_path_factory.mktemp("corpus"), docs, vocab_size=100)
+
+
+def write_config(root: Path, corpus: dict, name: str) -> tuple[Path, Path]:
+    """TP=2 on 2 ranks (one per node), checkpoints every 10 steps; ~70 ms a step here."""
+    run_dir = root / name
+    config = root / f"{name}.yaml"
+    config.write_text(f"""
+model: {{family: llama, vocab_size: 128, hidden_size: 64, num_layers: 2, num_attention_heads: 4,
+        num_kv_heads: 2, ffn_hidden_size: 128, max_seq_len: 64}}
+parallel: {{tensor_parallel: 2, zero_stage: 1}}
+data: {{blend: [[1.0, {corpus['prefix']}]], split: "90,10,0", seq_length: 64, tokenizer: {corpus['tokenizer']}}}
+optim: {{lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 2}}
+train: {{steps: {STEPS}, global_batch_size: {BATCH}, micro_batch_size: 2, run_dir: {run_dir}, eval_interval: 0}}
+checkpoint: {{interval_steps: 10}}
+logging: {{tensorboard: false}}
+""")
+    return config, run_dir
+
+
+def submit(cluster, config: Path, *flags: str) -> list[str]:
+    """`gridtrain submit CONFIG --nodes 2 --device cpu --ntasks-per-node 1 FLAGS`; the job ids."""
+    cmd = [*GRIDTRAIN, "submit", str(config), "--nodes", "2", "--device", "cpu", "--ntasks-per-node", "1", *flags]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=cluster.env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return re.findall(r"^gridtrain: submitted job (\d+) ", result.stdout, re.M)
+
+
+def wait_until(predicate, seconds: float, what: str, cluster):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}\n{cluster.logs()}")
+
+
+def wait_training(cluster, run_dir: Path, job_id: str, more_than: int) -> None:
+    """Until metrics.jsonl holds more than `more_than` train records; fails at once if the job ends."""
+    def check():
+        if len(train_records(run_dir)) > more_than:
+            return True
+        if cluster.job(job_id)["JobState"] in ENDED:
+            raise AssertionError(f"job {job_id} ended before training:\n{log_of(run_dir, job_id)[-3000:]}")
+        return False
+
+    wait_until(check, 120, f"job {job_id} to train", cluster)
+
+
+def wait_ended(cluster, job_id: str, seconds: float = 150) -> dict:
+    return wait_until(lambda: (lambda j: j if j["JobState"] in ENDED else None)(cluster.job(job_id)),
+                      seconds, f"job {job_id} to end", cluster)
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if '"kind": "train"' in line]
+
+
+def log_of(run_dir: Path, job_id: str) -> str:
+    return (run_dir / f"slurm-{job_id}.out").read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, corpus, tmp_path_factory) -> dict:
+    """One submitted job trained start to end: the reference every interrupted run must equal."""
+    config, run_dir = write_config(tmp_path_factory.mktemp("runs"), corpus, "whole")
+    [job_id] = submit(slurm_cluster, config)
+    return {"config": config, "run_dir": run_dir, "id": job_id, "job": wait_ended(slurm_cluster, job_id)}
+
+
+def test_submit_trains_on_two_nodes_and_a_finished_run_exits_at_once(slurm_cluster, uninterrupted):
+    run_dir, job_id, job = uninterrupted["run_dir"], uninterrupted["id"], uninterrupted["job"]
+    log = log_of(run_dir, job_id)
+    assert (job["JobState"], job["ExitCode"], job["NodeList"]) == ("COMPLETED", "0:0", "n[1-2]"), log[-3000:]
+    # Rank 0's master is n1's NodeAddr (n1 does not resolve), the port is derived from the job id.
+    assert f"job {job_id} restart 0: nodes n[1-2], 2 ranks, master 127.0.0.1:{20000 + int(job_id)}" in log
+    assert "world 2 = TP 2 x PP 1 x DP 1" in log and "training finished at train.steps=60" in log
+    records = train_records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert (run_dir / "resolved-config.yaml").exists() and (run_dir / "gridtrain.sbatch").exists()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000060"
+
+    # A job submitted after the run finished (a chain longer than needed) ends at once, successfully.
+    [again] = submit(slurm_cluster, uninterrupted["config"])
+    job = wait_ended(slurm_cluster, again, 30)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0")
+    assert "training already finished (step_00000060 reached train.steps=60); nothing to do" in log_of(run_dir, again)
+    assert len(train_records(run_dir)) == STEPS  # no rank started
+
+
+def test_preemption_requeues_resumes_and_the_cap_ends_the_job_then_the_chain_finishes(
+        slurm_cluster, corpus, uninterrupted, tmp_path):
+    """Job 1 of `--chain 2 --max-requeues 1`: USR1 -> save, exit 75, requeue, resume; USR1 again ->
+    save, exit 75, the cap is reached, the job fails with 75. Job 2 (afterany) resumes and
+    finishes. Every step is trained exactly once and its loss equals the uninterrupted run's."""
+    config, run_dir = write_config(tmp_path, corpus, "preempted")
+    first, second = submit(slurm_cluster, config, "--chain", "2", "--max-requeues", "1")
+    assert slurm_cluster.job(second)["Dependency"].startswith(f"afterany:{first}")
+
+    wait_training(slurm_cluster, run_dir, first, 0)
+    slurm_cluster.run("scancel", "--signal=USR1", first)  # what --signal=USR1@<grace> sends
+    wait_until(lambda: slurm_cluster.job(first)["Restarts"] == "1", 60, "the requeue", slurm_cluster)
+    wait_training(slurm_cluster, run_dir, first, len(train_records(run_dir)))
+    slurm_cluster.run("scancel", "--signal=USR1", first)
+    job = wait_ended(slurm_cluster, first)
+    log = log_of(run_dir, first)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "75:0", "1"), log[-3000:]
+    assert log.count("stop requested: saved step") == 2
+    assert f"job {first}: stopped with a checkpoint; requeued (restart 1 of at most 1)" in log
+    assert f"job {first} restart 1: nodes n[1-2]" in log
+    assert (f"job {first}: stopped with a checkpoint but not requeued: it has been requeued 1 time(s), "
+            "the cap (--max-requeues 1)") in log
+
+    job = wait_ended(slurm_cluster, second)
+    log = log_of(run_dir, second)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "resumed at step" in log and "training finished at train.steps=60" in log
+
+    records, reference = train_records(run_dir), train_records(uninterrupted["run_dir"])
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # no step repeated or skipped
+    assert [r["consumed_samples"] for r in records] == [BATCH * r["step"] for r in records]
+    assert [r["loss"] for r in records] == [r["loss"] for r in reference]
+    assert records[5]["loss"] != records[6]["loss"]  # losses differ per step: equality means something
