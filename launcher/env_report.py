@@ -1,5 +1,6 @@
-"""`gridtrain env`: what this machine gives a run: library versions, backend, devices, and which
-optional fast paths (NVIDIA apex fused norms) are available."""
+"""`gridtrain env`: what this machine gives a run: library versions, backend, devices, which
+optional fast paths (NVIDIA apex fused norms) are available, and the Slurm / MPI environment a rank
+started here would discover."""
 import os
 import platform
 from importlib import metadata
@@ -51,10 +52,37 @@ def device_lines() -> list[tuple[str, str]]:
     return [("backend", backend), ("devices", devices), ("torch cuda build", str(torch.version.cuda))]
 
 
+def launch_lines(env) -> list[tuple[str, str]]:
+    """The Slurm job this runs in (if any) and what rank discovery makes of `env`: where the rank
+    came from, the world, and the master address and port."""
+    from gridtrain.launcher.errors import UserError
+    from gridtrain.launcher.rank_env import resolve
+
+    rows = []
+    if env.get("SLURM_JOB_ID"):
+        restarts = env.get("SLURM_RESTART_COUNT", "0")
+        rows.append(("slurm job", f"{env['SLURM_JOB_ID']} (restart {restarts}), nodes {env.get('SLURM_JOB_NODELIST', '?')}, "
+                                  f"{env.get('SLURM_NTASKS', '?')} tasks, partition {env.get('SLURM_JOB_PARTITION', '?')}"))
+    else:
+        rows.append(("slurm job", "none (SLURM_JOB_ID not set)"))
+    try:
+        found = resolve(env)
+    except UserError as exc:
+        return rows + [("rank discovery", f"error: {exc}")]
+    if found.source == "single":
+        return rows + [("rank discovery", "a single rank (no torchrun, Slurm task or MPI variables)")]
+    where = {"torchrun": "torchrun variables (RANK, WORLD_SIZE)", "mpi": "MPI launcher variables",
+             "slurm": "Slurm (SLURM_PROCID, SLURM_NTASKS)"}[found.source]
+    rows.append(("rank discovery", f"{where}: rank {found.rank} of {found.world_size}, local rank {found.local_rank}, "
+                                   f"master {found.master_addr}:{found.master_port}"))
+    return rows
+
+
 def env_report() -> list[tuple[str, str]]:
     rows = [("python", platform.python_version()), ("platform", platform.platform())]
     rows += [(name, _version(name)) for name in LIBRARIES]
     rows.append(("apex", apex_status()))
     rows += device_lines()
     rows.append(("norm implementation", norm_status()))
+    rows += launch_lines(os.environ)
     return rows

@@ -125,6 +125,19 @@ def test_submit_trains_on_two_nodes_and_a_finished_run_exits_at_once(slurm_clust
     assert len(train_records(run_dir)) == STEPS  # no rank started
 
 
+def test_srun_env_reports_each_rank_and_the_master(slurm_cluster):
+    """`gridtrain env` under srun on both nodes: the job, the rank each task discovers, and the
+    master address Slurm's NodeAddr gives (n1 does not resolve)."""
+    result = slurm_cluster.run("srun", "--nodes=2", "--ntasks-per-node=1", "--label", *GRIDTRAIN, "env")
+    rows = [re.sub(r"\s{2,}", " | ", line) for line in result.stdout.splitlines()]  # "0: name | value"
+    job_id = re.search(r"slurm job \| (\d+) ", "\n".join(rows)).group(1)
+    port = 20000 + int(job_id) % 20000
+    for rank in (0, 1):
+        assert f"{rank}: slurm job | {job_id} (restart 0), nodes n[1-2], 2 tasks, partition debug" in rows
+        assert (f"{rank}: rank discovery | Slurm (SLURM_PROCID, SLURM_NTASKS): rank {rank} of 2, local rank 0, "
+                f"master 127.0.0.1:{port}") in rows
+
+
 def test_preemption_requeues_resumes_and_the_cap_ends_the_job_then_the_chain_finishes(
         slurm_cluster, corpus, uninterrupted, tmp_path):
     """Job 1 of `--chain 2 --max-requeues 1`: USR1 -> save, exit 75, requeue, resume; USR1 again ->
