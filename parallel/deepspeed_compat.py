@@ -39,7 +39,14 @@ def check_deepspeed_version() -> None:
 def is_torch_checkpoint_engine(checkpoint_engine) -> bool:
     """Whether DeepSpeed writes through its plain torch.save engine (TorchCheckpointEngine, the
     default without Nebula / fast writers), which gridtrain may then replace by an equivalent
-    writer. Exact type: a subclass may write differently."""
+    writer. Exact type: a subclass may write differently.
+
+    Asynchronous saves are gridtrain's own (host copy + writer thread) because none of 0.19.8's
+    other engines fits: FastCheckpointEngine and DecoupledCheckpointEngine (a writer process fed
+    through a queue, committed at the next save) write through the async_io op, which needs
+    libaio (`AsyncIOBuilder().is_compatible()` is False on these machines) and bypasses the
+    hashing + fsync + manifest protocol a published checkpoint relies on; DataStatesCheckpointEngine
+    needs the external `datastates` package."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     return type(checkpoint_engine) is TorchCheckpointEngine

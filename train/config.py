@@ -47,6 +47,10 @@ class CheckpointConfig:
     # With train.resume=none and checkpoints already in `dir`: false refuses to start; true moves
     # them aside to <dir>.replaced-<UTC time> (nothing is deleted) and starts fresh.
     overwrite: bool = False
+    # Interval saves stall training only while each rank copies its shard to host memory; files are
+    # written, fsynced and published in the background, at most one save at a time. Forced saves
+    # (a stop signal, the last step) stay synchronous. Off by default: see README "Checkpoints".
+    async_save: bool = False
 
 
 @dataclass(frozen=True)

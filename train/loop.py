@@ -64,6 +64,7 @@ def run(cfg: RunConfig, layout: Layout) -> int:
             finished = train(trainer)
     finally:
         if trainer is not None:
+            trainer.checkpointer.abandon()  # after a failure: no writer thread outlives the run
             trainer.checkpointer.deleter.wait()  # retired checkpoints are gone when the run ends
             trainer.writer.close()
         groups.destroy()
@@ -197,15 +198,21 @@ def train(t: Trainer) -> bool:
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.steps:
             evaluate(t)
         stopping = t.stop.should_stop()
-        saved = t.checkpointer.maybe_save(t.engine, t.state, force=stopping or (step == cfg.train.steps and saves_on))
-        if saved is not None:
-            t.writer.write(checkpoint_record(saved.step, saved.path, saved.bytes, saved.seconds))
+        force = stopping or (step == cfg.train.steps and saves_on)
+        record_saves(t, t.checkpointer.maybe_save(t.engine, t.state, force=force))
         if stopping:
             t.writer.note(f"stop requested: saved step {step} and stopping")
             return False
+    record_saves(t, t.checkpointer.close())  # a background save still in flight is published first
     val_loss = evaluate(t)
     t.writer.note(summary_line(t, records, val_loss, time.perf_counter() - started))
     return True
+
+
+def record_saves(t: Trainer, published: list) -> None:
+    for saved in published:
+        t.writer.write(checkpoint_record(saved.step, saved.path, saved.bytes, saved.seconds, saved.stall,
+                                         saved.published_at))
 
 
 def train_step(t: Trainer, data: Iterator[dict]) -> Optional[dict]:

@@ -108,10 +108,14 @@ def eval_record(step: int, loss: float) -> dict:
     return {"kind": "eval", "step": step, "val_loss": loss, "val_ppl": perplexity(loss), "time": time.time()}
 
 
-def checkpoint_record(step: int, path: str, nbytes: int, seconds: float) -> dict:
-    """A checkpoint save: where, how big, and how long it stalled training."""
+def checkpoint_record(step: int, path: str, nbytes: int, seconds: float, stall: float | None = None,
+                      published_at: float | None = None) -> dict:
+    """A published checkpoint: where, how big, how long from the start of its save to its publication
+    (`ckpt_write_s`) and how much of that stalled training (`ckpt_stall_s`: all of it unless the
+    save ran in the background)."""
     return {"kind": "checkpoint", "step": step, "path": str(path), "ckpt_bytes": nbytes, "ckpt_write_s": seconds,
-            "ckpt_gb_per_s": nbytes / seconds / 1e9 if seconds > 0 else 0.0, "time": time.time()}
+            "ckpt_stall_s": seconds if stall is None else stall,
+            "ckpt_gb_per_s": nbytes / seconds / 1e9 if seconds > 0 else 0.0, "time": published_at or time.time()}
 
 
 def format_record(record: dict, total_steps: int) -> str:
@@ -121,7 +125,8 @@ def format_record(record: dict, total_steps: int) -> str:
         return f"{head} | val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}"
     if record["kind"] == "checkpoint":
         return (f"{head} | checkpoint {Path(record['path']).name}: {record['ckpt_bytes'] / 1e6:,.1f} MB in "
-                f"{record['ckpt_write_s']:.2f} s ({record['ckpt_gb_per_s']:.3f} GB/s)")
+                f"{record['ckpt_write_s']:.2f} s ({record['ckpt_gb_per_s']:.3f} GB/s)"
+                + (f", training stalled {record['ckpt_stall_s']:.2f} s" if record["ckpt_stall_s"] < record["ckpt_write_s"] else ""))
     return (
         f"{head} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f}"
         f" | {record['step_time_s'] * 1000:.0f} ms | {record['tokens_per_s']:,.0f} tok/s"

@@ -2,7 +2,10 @@
 newest checkpoint whose manifest verifies (or the one `mode` names) and restores DeepSpeed's model +
 optimizer shards, the RNG states and the TrainState; `maybe_save(engine, state)` after each step
 saves every `checkpoint.interval_steps` steps and/or `checkpoint.interval_minutes` minutes, or when
-forced (a stop request). Both are collective: every rank calls them at the same point."""
+forced (a stop request, the last step). Both are collective: every rank calls them at the same
+point. With `checkpoint.async_save` an interval save is written in the background: at most one is
+in flight, and it is published at the first step at which every rank's files are durable, or
+before the next save, a forced save or the end of the run, whichever comes first."""
 import dataclasses
 import json
 import shutil
@@ -21,7 +24,8 @@ from gridtrain.train.checkpoint.manifest import MANIFEST_NAME, STATE_NAME, read_
 from gridtrain.train.checkpoint.reshard import (
     UNIVERSAL_KEY, convert, describe, load_universal, reshard_refusal, same_shards, universal_info, universal_workdir)
 from gridtrain.train.checkpoint.rng import restore_rng_state
-from gridtrain.train.checkpoint.save import DS_TAG, SaveContext, SaveResult, note, rng_file, save_checkpoint
+from gridtrain.train.checkpoint.save import (
+    DS_TAG, HostStaging, PendingSave, SaveContext, SaveResult, finish_save, note, rng_file, start_save)
 from gridtrain.train.checkpoint.store import (
     BackgroundDeleter, CheckpointError, candidates, choose_valid, find_resumable, list_checkpoints, remove_stale_temps)
 from gridtrain.train.config import CheckpointConfig
@@ -85,14 +89,30 @@ class Checkpointer:
         self._last_save_time = time.monotonic()
         self._universal_info: dict | None = None
         self.deleter = BackgroundDeleter()  # retired checkpoints go on its thread (rank 0)
+        self._pending: PendingSave | None = None  # the save in flight
+        self._staging = HostStaging() if cfg.async_save else None
 
     # ---- saving -------------------------------------------------------------------------------
 
-    def maybe_save(self, engine, state: TrainState, force: bool = False) -> SaveResult | None:
-        """Save if forced or an interval is due; returns what was saved, else None."""
-        if state.step == self.last_saved_step or not (force or self._due(state.step)):
-            return None
-        return self.save(engine, state)
+    def maybe_save(self, engine, state: TrainState, force: bool = False) -> list[SaveResult]:
+        """Save if forced or an interval is due; a forced save is synchronous (a stop request's
+        save is published before the process exits). Also publishes the save in flight once every
+        rank has written it. Returns the saves published during this call, oldest first."""
+        due = state.step != self.last_saved_step and (force or self._due(state.step))
+        published = []
+        # `due` is the same on every rank, so every rank reaches the collective or none does.
+        if self._pending is not None and (due or not any_rank(not self._pending.done())):
+            published.append(self._finish())
+        if due:
+            self._start(engine, state, background=self.cfg.async_save and not force)
+            if not (self.cfg.async_save and not force):
+                published.append(self._finish())
+        return published
+
+    @property
+    def in_flight(self) -> int | None:
+        """The step of the save being written in the background, if any."""
+        return self._pending.step if self._pending is not None else None
 
     def _due(self, step: int) -> bool:
         ckpt = self.cfg
@@ -105,14 +125,35 @@ class Checkpointer:
         return False
 
     def save(self, engine, state: TrainState) -> SaveResult:
+        """A synchronous save of `state` (after publishing any save in flight)."""
+        self.close()
+        self._start(engine, state, background=False)
+        return self._finish()
+
+    def close(self) -> list[SaveResult]:
+        """Publish the save in flight, if any (waits for its writes). Collective."""
+        return [self._finish()] if self._pending is not None else []
+
+    def abandon(self) -> None:
+        """After a failure: wait for this rank's background writes without publishing them (not
+        collective; the other ranks may be gone). The temporary folder is removed at the next resume."""
+        if self._pending is not None:
+            self._pending.writer.wait_durable()
+            self._pending = None
+
+    def _start(self, engine, state: TrainState, background: bool) -> None:
         if self._universal_info is None:  # collective, once: how each parameter splits over TP
             model = self.run.model
             self._universal_info = universal_info(_ds(engine), model.vocab_size, model.num_layers)
-        result = save_checkpoint(_ds(engine), state, self.save_context, self.deleter,
-                                 {UNIVERSAL_KEY: self._universal_info})
+        self._pending = start_save(_ds(engine), state, self.save_context, self.deleter,
+                                   {UNIVERSAL_KEY: self._universal_info}, self._staging if background else None)
         self.last_saved_step = state.step
-        self.last_result = result
         self._last_save_time = time.monotonic()
+
+    def _finish(self) -> SaveResult:
+        pending, self._pending = self._pending, None
+        result = finish_save(pending, self.save_context, self.deleter)
+        self.last_result = result
         return result
 
     # ---- resuming -----------------------------------------------------------------------------

@@ -51,8 +51,8 @@ def test_zero2_dp2_resume_corruption_disk_full_signals(tmp_path, small_tmpfs):
     reports = results(proc)
     check_common(proc, reports)
     for report in reports:
-        assert "disk full" in report["disk_full_error"]
-        assert "step_00000003 is intact" in report["disk_full_error"]
+        for key in ("disk_full_error", "async_disk_full_error"):
+            assert "disk full" in report[key] and "step_00000003 is intact" in report[key], report[key]
         assert report["stopped_at"] == [2, 2]
 
 

@@ -31,7 +31,8 @@ def corpus(tmp_path_factory) -> dict:
 
 
 def write_config(tmp_path: Path, corpus: dict, name: str, tp: int, pp: int, zero: int,
-                 steps: int = STEPS, interval: int = 2, resume: str = "auto", dtype: str = "fp32") -> tuple[Path, Path]:
+                 steps: int = STEPS, interval: int = 2, resume: str = "auto", dtype: str = "fp32",
+                 async_save: bool = False) -> tuple[Path, Path]:
     """Config of a tiny llama run; checkpoints every `interval` steps, keeping the last 2 and every
     4th step (the reshard test starts from step 4 of the DP=2 reference)."""
     run_dir = tmp_path / name
@@ -44,7 +45,7 @@ def write_config(tmp_path: Path, corpus: dict, name: str, tp: int, pp: int, zero
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "weight_decay": 0.01},
         "train": {"steps": steps, "global_batch_size": GLOBAL_BATCH, "micro_batch_size": 2,
                   "run_dir": str(run_dir), "eval_interval": 0, "eval_steps": 1, "resume": resume, "dtype": dtype},
-        "checkpoint": {"interval_steps": interval, "keep_last": 2, "keep_every": 4},
+        "checkpoint": {"interval_steps": interval, "keep_last": 2, "keep_every": 4, "async_save": async_save},
         "logging": {"tensorboard": False},
     }
     path = tmp_path / f"{name}.json"
@@ -52,11 +53,11 @@ def write_config(tmp_path: Path, corpus: dict, name: str, tp: int, pp: int, zero
     return path, run_dir
 
 
-def start(config: Path, nproc: int) -> subprocess.Popen:
+def start(config: Path, nproc: int, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--max-restarts=0",
            str(WORKER), str(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -191,6 +192,38 @@ def test_dp2_zero2_signal_on_one_rank_then_sigkill_then_finish(tmp_path, corpus,
     launch(WORKER, 2, [cfg], timeout=300)
     assert resumed_steps(run_dir)[:2] == [0, stopped_at]
     check_same_as_reference(ref_dir, run_dir)
+
+
+def checkpoint_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "checkpoint"]
+
+
+def test_dp2_zero2_async_saves_killed_mid_write_then_finish(tmp_path, corpus, dp2_reference):
+    """checkpoint.async_save with a throttled disk: SIGKILL while step 4 is being written in the
+    background leaves step 2 as the newest checkpoint (the half-written one is never resumed);
+    the restarted run (throttled too) trains while its saves are written, never overlaps two
+    saves, publishes the save in flight before the end, and matches the synchronous reference."""
+    cfg, run_dir = write_config(tmp_path, corpus, "async", tp=1, pp=1, zero=2, async_save=True)
+    slow = {"GRIDTRAIN_TEST_WRITE_DELAY": "0.05"}  # ~6 s per save
+    proc = start(cfg, 2, env=slow)
+    wait_for_step(proc, run_dir, 5)
+    ckpts = run_dir / "checkpoints"
+    in_flight = ckpts / ".tmp-step_00000004"
+    assert in_flight.is_dir() and (ckpts / "latest").read_text().strip() == "step_00000002"
+    kill_run(proc)
+    assert not (ckpts / "step_00000004").exists()
+    launch(WORKER, 2, [cfg], timeout=300, env={"GRIDTRAIN_TEST_WRITE_DELAY": "0.01"})
+    assert resumed_steps(run_dir) == [0, 2]
+    check_same_as_reference(dp2_reference, run_dir)
+    saves = checkpoint_records(run_dir)
+    assert [r["step"] for r in saves] == [2, 4, 6, 8, 10]
+    spans = [(r["time"] - r["ckpt_write_s"], r["time"]) for r in saves[1:]]  # the restarted run's: (start, published)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+    background = [r for r in saves[1:] if r["step"] < STEPS]
+    assert all(r["ckpt_stall_s"] < r["ckpt_write_s"] for r in background), background
+    trained = [r["time"] for r in train_records(run_dir)]
+    assert any(begin < t < end for begin, end in spans for t in trained), "no step ran during a background save"
+    assert not list(ckpts.glob(".tmp-*"))
 
 
 def test_reshard_dp2_to_tp2_and_to_pp2_continues_the_losses(tmp_path, corpus, dp2_reference):

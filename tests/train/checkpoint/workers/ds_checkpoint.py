@@ -77,13 +77,14 @@ def train(engine, mode: str, first: int, last: int) -> list[float]:
     return losses
 
 
-def checkpointer(mode: str, zero: int, ckpt_dir: Path, keep_last: int = 5) -> Checkpointer:
+def checkpointer(mode: str, zero: int, ckpt_dir: Path, keep_last: int = 5, async_save: bool = False) -> Checkpointer:
     world = dist.get_world_size()
     pp = world if mode == "pipe" else 1
     gas = 2 if mode == "pipe" else 1
     layout = Layout(tp=1, pp=pp, dp=world // pp, zero_stage=zero, micro_batch_size=MICRO,
                     global_batch_size=MICRO * gas * (world // pp))
-    return Checkpointer(CheckpointConfig(keep_last=keep_last), layout, RunRecord(ckpt_dir=ckpt_dir))
+    return Checkpointer(CheckpointConfig(keep_last=keep_last, interval_steps=3, async_save=async_save), layout,
+                        RunRecord(ckpt_dir=ckpt_dir))
 
 
 def state_at(step: int) -> TrainState:
@@ -144,14 +145,16 @@ def check_corruption(mode: str, zero: int, ckpt_dir: Path) -> dict:
     return {"truncated": victim.name, "flipped": older.name, "error": message}
 
 
-def check_disk_full(mode: str, zero: int, small: Path) -> dict:
-    """On a small tmpfs: save step 3, fill the disk to leave half a checkpoint free, save step 6:
-    every rank gets a CheckpointError, nothing is published, step 3 verifies and resumes exactly."""
-    ckpt_dir = small / "checkpoints"
+def check_disk_full(mode: str, zero: int, small: Path, background: bool) -> dict:
+    """On a small tmpfs: save step 3, fill the disk to leave half a checkpoint free, save step 6
+    (`background`: an interval save written in the background, failing there and reported when it
+    is finished): every rank gets a CheckpointError, nothing is published, step 3 verifies and
+    resumes exactly."""
+    ckpt_dir = small / ("async" if background else "sync") / "checkpoints"
     ref = build(mode, zero, seed=1)
-    ckpt = checkpointer(mode, zero, ckpt_dir, keep_last=1)
+    ckpt = checkpointer(mode, zero, ckpt_dir, keep_last=1, async_save=background)
     train(ref, mode, 1, 3)
-    first = ckpt.maybe_save(ref, state_at(3), force=True)
+    first, = ckpt.maybe_save(ref, state_at(3), force=True)
     reference = train(ref, mode, 4, 6)
     ballast = small / "ballast"
     if dist.get_rank() == 0:
@@ -160,7 +163,11 @@ def check_disk_full(mode: str, zero: int, small: Path) -> dict:
             fh.write(b"\0" * max(0, free - first.bytes // 2))
     dist.barrier()
     try:
-        ckpt.maybe_save(ref, state_at(6), force=True)
+        if background:
+            assert ckpt.maybe_save(ref, state_at(6)) == []  # started, not published
+            ckpt.close()
+        else:
+            ckpt.maybe_save(ref, state_at(6), force=True)
     except CheckpointError as exc:
         message = str(exc)
     else:
@@ -177,7 +184,8 @@ def check_disk_full(mode: str, zero: int, small: Path) -> dict:
     assert checkpointer(mode, zero, ckpt_dir).resume(fresh).step == 3
     resumed = train(fresh, mode, 4, 6)
     assert resumed == reference, (resumed, reference)
-    return {"disk_full_error": message, "ckpt_bytes": first.bytes}
+    key = "async_disk_full_error" if background else "disk_full_error"
+    return {key: message, "ckpt_bytes": first.bytes}
 
 
 def check_stop_agreement() -> dict:
@@ -208,7 +216,8 @@ def main() -> None:
     result = {"rank": dist.get_rank(), **check_exact_resume(mode, zero, work / "checkpoints")}
     result.update(check_corruption(mode, zero, work / "checkpoints"))
     if small is not None:
-        result.update(check_disk_full(mode, zero, small))
+        result.update(check_disk_full(mode, zero, small, background=False))
+        result.update(check_disk_full(mode, zero, small, background=True))
         result.update(check_stop_agreement())
     print("RESULT " + json.dumps(result), flush=True)
     # This worker leaves a dozen ZeRO engines behind. Collected at interpreter exit, one's gloo
