@@ -51,6 +51,25 @@ def set_rank_environment(device: str) -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning,"
                           "ignore:Transformer Engine and Apex are not installed:UserWarning,"
                           "ignore:When using async grad allreduce it is recommended:UserWarning")
+    # A rank started by srun or mpirun runs this itself, after its interpreter has read the
+    # variable: apply the filters to this process too, before megatron-core is imported.
+    apply_warning_filters(os.environ["PYTHONWARNINGS"])
+
+
+def apply_warning_filters(spec: str) -> None:
+    """PYTHONWARNINGS entries `action:message:category` (message a literal prefix, category a
+    builtin warning class, as Python reads them at start-up) as warnings filters of this process."""
+    import builtins
+    import re
+    import warnings
+
+    for entry in filter(None, spec.split(",")):
+        action, message, category = (entry.split(":") + ["", ""])[:3]
+        category_class = getattr(builtins, category, None) if category else Warning
+        if action not in ("ignore", "default", "always", "module", "once", "error") or not (
+                isinstance(category_class, type) and issubclass(category_class, Warning)):
+            continue  # Python ignores an invalid entry too (with a notice at start-up)
+        warnings.filterwarnings(action, message=re.escape(message), category=category_class)
 
 
 def torchrun_args(node: NodeSpec, config_path: str, launch_flags=()) -> list[str]:
