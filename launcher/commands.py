@@ -143,6 +143,12 @@ def train_command(args) -> int:
 
 
 def launch_command(args) -> int:
+    from gridtrain.train.preemption import catch_early
+
+    # Started by srun or mpirun, a preemption signal during the imports below must not kill the
+    # rank. Under torchrun it must: the agent stops the other ranks with SIGTERM when one fails.
+    if "RANK" not in os.environ and not args.reshard:
+        catch_early()
     from gridtrain.launcher.rank_env import discover
     from gridtrain.launcher.spawn import set_rank_environment
     from gridtrain.launcher.validate import validate

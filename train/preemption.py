@@ -4,11 +4,9 @@ per step the trainer calls `should_stop()`, which takes the MAX of the flag over
 rank sees the same answer at the same step, finishes it, saves, and exits with PREEMPTED_EXIT_CODE.
 
 Slurm script contract: exit status PREEMPTED_EXIT_CODE means "stopped cleanly for preemption, a
-checkpoint was written, requeue me":
-
-    srun gridtrain launch config.yaml; status=$?
-    if [ $status -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; fi
-    exit $status
+checkpoint was written, requeue me". The batch script `gridtrain submit` renders
+(slurm/gridtrain.sbatch.template) hands srun's status to `gridtrain slurm-job end`
+(launcher/slurm_job.py), which runs `scontrol requeue` for it, up to a cap.
 """
 import signal
 
@@ -17,6 +15,24 @@ import signal
 PREEMPTED_EXIT_CODE = 75
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+# A stop signal that reached this process while it was still starting (see catch_early).
+_early_signal: int | None = None
+
+
+def catch_early(signals=STOP_SIGNALS) -> None:
+    """Record stop signals from now on instead of dying of them. A rank started by srun spends
+    ~10 s importing and joining its group before the trainer's StopRequest exists; Slurm's
+    preemption signal may come then, and by default SIGTERM/SIGUSR1 kill the process (exit
+    128+N: no checkpoint, no requeue). The StopRequest installed later takes the signal over, so
+    the rank trains one step, saves and exits PREEMPTED_EXIT_CODE like any stopped rank."""
+    def record(signum, frame) -> None:
+        global _early_signal
+        if _early_signal is None:
+            _early_signal = signum
+
+    for signum in signals:
+        signal.signal(signum, record)
 
 
 class StopRequest:
@@ -31,6 +47,8 @@ class StopRequest:
     def install(self) -> "StopRequest":
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._handle)
+        if self.received is None and _early_signal in self.signals:
+            self.received = _early_signal  # arrived while the rank was starting (catch_early)
         return self
 
     def uninstall(self) -> None:

@@ -93,6 +93,21 @@ def train_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if '"kind": "train"' in line]
 
 
+def ranks_catching_usr1(run_dir: Path) -> int:
+    """Rank processes of this run (`gridtrain launch <run_dir>/...`) that handle SIGUSR1 (bit 9 of
+    SigCgt in /proc/PID/status): the daemons run here, so the test can look."""
+    count = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", (proc / "status").read_text(), re.M).group(1), 16)
+        except (OSError, AttributeError):
+            continue
+        if b"launch" in argv and any(arg.startswith(str(run_dir).encode()) for arg in argv):
+            count += bool(caught & (1 << (10 - 1)))  # SIGUSR1 = 10
+    return count
+
+
 def log_of(run_dir: Path, job_id: str) -> str:
     return (run_dir / f"slurm-{job_id}.out").read_text()
 
@@ -147,7 +162,10 @@ def test_preemption_requeues_resumes_and_the_cap_ends_the_job_then_the_chain_fin
     first, second = submit(slurm_cluster, config, "--chain", "2", "--max-requeues", "1")
     assert slurm_cluster.job(second)["Dependency"].startswith(f"afterany:{first}")
 
-    wait_training(slurm_cluster, run_dir, first, 0)
+    # The first warning comes while the ranks are still starting (importing, joining the group):
+    # they must not die of it, but train a step, save and stop like ranks warned later.
+    wait_until(lambda: ranks_catching_usr1(run_dir) == 2, 60, "both ranks to catch USR1", slurm_cluster)
+    assert train_records(run_dir) == []
     slurm_cluster.run("scancel", "--signal=USR1", first)  # what --signal=USR1@<grace> sends
     wait_until(lambda: slurm_cluster.job(first)["Restarts"] == "1", 60, "the requeue", slurm_cluster)
     wait_training(slurm_cluster, run_dir, first, len(train_records(run_dir)))
@@ -155,7 +173,7 @@ def test_preemption_requeues_resumes_and_the_cap_ends_the_job_then_the_chain_fin
     job = wait_ended(slurm_cluster, first)
     log = log_of(run_dir, first)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "75:0", "1"), log[-3000:]
-    assert log.count("stop requested: saved step") == 2
+    assert log.count("stop requested: saved step") == 2 and "stop requested: saved step 1 and" in log
     assert f"job {first}: stopped with a checkpoint; requeued (restart 1 of at most 1)" in log
     assert f"job {first} restart 1: nodes n[1-2]" in log
     assert (f"job {first}: stopped with a checkpoint but not requeued: it has been requeued 1 time(s), "
