@@ -108,6 +108,16 @@ def ranks_catching_usr1(run_dir: Path) -> int:
     return count
 
 
+def listening(port: int) -> bool:
+    """A TCP socket of this machine listens on `port` (/proc/net/tcp[6], state 0A)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
 def log_of(run_dir: Path, job_id: str) -> str:
     return (run_dir / f"slurm-{job_id}.out").read_text()
 
@@ -162,10 +172,13 @@ def test_preemption_requeues_resumes_and_the_cap_ends_the_job_then_the_chain_fin
     first, second = submit(slurm_cluster, config, "--chain", "2", "--max-requeues", "1")
     assert slurm_cluster.job(second)["Dependency"].startswith(f"afterany:{first}")
 
-    # The first warning comes while the ranks are still starting (importing, joining the group):
-    # they must not die of it, but train a step, save and stop like ranks warned later.
-    wait_until(lambda: ranks_catching_usr1(run_dir) == 2, 60, "both ranks to catch USR1", slurm_cluster)
-    assert train_records(run_dir) == []
+    # The first warning comes while the ranks are still starting: both handle USR1 already but
+    # nobody listens on the master port yet, so neither has reached its process group (where the
+    # trainer's own handler is installed, after it). They must not die of it, but train a step,
+    # save and stop like ranks warned later.
+    master_port = 20000 + int(first) % 20000
+    wait_until(lambda: ranks_catching_usr1(run_dir) == 2 and not listening(master_port), 60,
+               "both ranks to catch USR1 before their process group exists", slurm_cluster)
     slurm_cluster.run("scancel", "--signal=USR1", first)  # what --signal=USR1@<grace> sends
     wait_until(lambda: slurm_cluster.job(first)["Restarts"] == "1", 60, "the requeue", slurm_cluster)
     wait_training(slurm_cluster, run_dir, first, len(train_records(run_dir)))
