@@ -98,8 +98,8 @@ def end(cfg, status: int, max_requeues: int, env) -> int:
         return PREEMPTED_EXIT_CODE
     result = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True)
     if result.returncode != 0:
-        say(f"job {jid}: stopped with a checkpoint, but `scontrol requeue {jid}` failed: "
-            f"{' '.join(result.stderr.split())}; submit again to continue")
+        why = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        say(f"job {jid}: stopped with a checkpoint, but `scontrol requeue {jid}` failed: {why}; submit again to continue")
         return PREEMPTED_EXIT_CODE
     say(f"job {jid}: stopped with a checkpoint; requeued (restart {restarts + 1} of at most {max_requeues})")
     return 0
