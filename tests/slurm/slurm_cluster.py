@@ -29,7 +29,8 @@ class SlurmCluster:
     root: Path
     conf: Path
     env: dict = field(default_factory=dict)  # os.environ + SLURM_CONF, for every Slurm command
-    pids: list = field(default_factory=list)
+    pids: list = field(default_factory=list)  # slurmctld, slurmd n1, n2
+    munged_pid: int | None = None  # set when this session started munged
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(args, capture_output=True, text=True, env=self.env, timeout=60)
@@ -46,18 +47,25 @@ class SlurmCluster:
         return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.root.glob("*.log")))
 
     def stop(self) -> None:
+        """Cancel what is left, stop the Slurm daemons, then munged if this session started it."""
         subprocess.run(["scancel", "--full", "--user", "root"], env=self.env, capture_output=True, timeout=30)
-        for pid in self.pids:
-            try:
-                os.kill(pid, 15)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 15
-        while time.time() < deadline and any(_alive(pid) for pid in self.pids):
-            time.sleep(0.2)
-        for pid in self.pids:
-            if _alive(pid):
-                os.kill(pid, 9)
+        _terminate(self.pids)
+        if self.munged_pid is not None:
+            _terminate([self.munged_pid])
+
+
+def _terminate(pids: list) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, 15)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, 9)
 
 
 def _alive(pid: int) -> bool:
@@ -83,10 +91,11 @@ def ensure_installed() -> None:
             raise SlurmUnavailable(f"{' '.join(cmd)} failed: {result.stderr.strip()[-300:]}")
 
 
-def start_munge() -> None:
-    """munged as user munge with a 1024-byte key (owner munge, mode 400), unless already running."""
+def start_munge() -> int | None:
+    """munged as user munge with a 1024-byte key (owner munge, mode 400), unless already running;
+    its pid if started here."""
     if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
-        return
+        return None
     user = pwd.getpwnam("munge")
     if not MUNGE_KEY.exists():
         MUNGE_KEY.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +109,7 @@ def start_munge() -> None:
     if result.returncode:
         raise SlurmUnavailable(f"munged did not start: {result.stderr.strip()}")
     _wait(lambda: subprocess.run(["munge", "-n"], capture_output=True).returncode == 0, 10, "munged answers")
+    return int(Path("/run/munge/munged.pid").read_text())
 
 
 def write_conf(root: Path, ctld_port: int, node_ports: tuple[int, int]) -> Path:
@@ -169,11 +179,11 @@ def start_cluster(root: Path) -> SlurmCluster:
     """Install if needed, start munged, slurmctld and slurmd n1, n2; returns once both nodes are
     idle. The caller must call .stop()."""
     ensure_installed()
-    start_munge()
+    munged_pid = start_munge()
     ctld_port, *node_ports = _free_ports(3)
     conf = write_conf(root, ctld_port, tuple(node_ports))
     (root / "state").mkdir()
-    cluster = SlurmCluster(root, conf, {**os.environ, "SLURM_CONF": str(conf)})
+    cluster = SlurmCluster(root, conf, {**os.environ, "SLURM_CONF": str(conf)}, munged_pid=munged_pid)
     try:
         subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=cluster.env, timeout=30)
         _wait(lambda: (root / "slurmctld.pid").exists(), 15, "slurmctld writes its pid file")
