@@ -150,9 +150,10 @@ def test_submit_trains_on_two_nodes_and_a_finished_run_exits_at_once(slurm_clust
     assert len(train_records(run_dir)) == STEPS  # no rank started
 
 
-def test_srun_env_reports_each_rank_and_the_master(slurm_cluster):
+def test_srun_tasks_discover_their_ranks_and_a_wrong_world_is_one_line(slurm_cluster, uninterrupted):
     """`gridtrain env` under srun on both nodes: the job, the rank each task discovers, and the
-    master address Slurm's NodeAddr gives (n1 does not resolve)."""
+    master address Slurm's NodeAddr gives (n1 does not resolve). `gridtrain launch` on 2 tasks of
+    a 4-rank layout: each rank says so in one line and exits 2, before any process group."""
     result = slurm_cluster.run("srun", "--nodes=2", "--ntasks-per-node=1", "--label", *GRIDTRAIN, "env")
     rows = [re.sub(r"\s{2,}", " | ", line) for line in result.stdout.splitlines()]  # "0: name | value"
     job_id = re.search(r"slurm job \| (\d+) ", "\n".join(rows)).group(1)
@@ -161,6 +162,14 @@ def test_srun_env_reports_each_rank_and_the_master(slurm_cluster):
         assert f"{rank}: slurm job | {job_id} (restart 0), nodes n[1-2], 2 tasks, partition debug" in rows
         assert (f"{rank}: rank discovery | Slurm (SLURM_PROCID, SLURM_NTASKS): rank {rank} of 2, local rank 0, "
                 f"master 127.0.0.1:{port}") in rows
+
+    result = slurm_cluster.run("srun", "--nodes=2", "--ntasks-per-node=1", "--label", *GRIDTRAIN, "launch",
+                               str(uninterrupted["config"]), "--parallel.pipeline_parallel=2", check=False)
+    assert result.returncode == 2, result.stderr
+    errors = sorted(line for line in result.stderr.splitlines() if "gridtrain" in line)
+    assert errors == [f"{rank}: gridtrain: error: world_size=2: must be a multiple of parallel.tensor_parallel (2) x "
+                      "parallel.pipeline_parallel (2) = 4; launch a multiple of 4 ranks or change the layout"
+                      for rank in (0, 1)]
 
 
 def test_preemption_requeues_resumes_and_the_cap_ends_the_job_then_the_chain_finishes(
