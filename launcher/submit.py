@@ -94,6 +94,8 @@ def submit_command(args) -> int:
         time=args.time, account=args.account, qos=args.qos, extra=tuple(args.sbatch_arg))
     config_path = run_dir / RESOLVED_CONFIG
     site_env = Path(args.site_env).resolve() if args.site_env else package_file(SITE_ENV)
+    if not site_env.is_file():
+        raise UserError(f"--site-env {args.site_env}: no such file; give the site environment file the job should source")
     script = render_script(spec, config_path, site_env)
     if args.dry_run:
         print(script, end="")
@@ -124,9 +126,12 @@ def ranks_per_node(cfg, args) -> int:
     if args.chain < 1 or args.max_requeues < 0 or args.signal_grace < 0:
         raise UserError(f"--chain {args.chain} / --max-requeues {args.max_requeues} / --signal-grace "
                         f"{args.signal_grace}: need chain >= 1, max-requeues >= 0, signal-grace >= 0")
-    given, other = ("--gpus-per-node", "--ntasks-per-node") if args.device == "cuda" else ("--ntasks-per-node", "--gpus-per-node")
-    per_node = args.gpus_per_node if args.device == "cuda" else args.ntasks_per_node
-    if (args.ntasks_per_node if args.device == "cuda" else args.gpus_per_node) is not None:
+    # One rank per GPU on CUDA; --ntasks-per-node says how many CPU ranks.
+    flags = {"--gpus-per-node": args.gpus_per_node, "--ntasks-per-node": args.ntasks_per_node}
+    given = "--gpus-per-node" if args.device == "cuda" else "--ntasks-per-node"
+    [other] = set(flags) - {given}
+    per_node, stray = flags[given], flags[other]
+    if stray is not None:
         raise UserError(f"{other} does not apply to --device {args.device}: give {given} (ranks per node)")
     if per_node is None:
         ranks = configured_world_size(cfg.parallel)

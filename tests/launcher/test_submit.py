@@ -56,6 +56,8 @@ def test_dry_run_prints_the_batch_script_for_8_nodes_of_8_gpus(tmp_path):
       "--checkpoint.interval_minutes=0"],
      "checkpoint.interval_steps=0: a Slurm job must checkpoint to be requeued, chained or told it has finished: "
      "set checkpoint.interval_steps (or interval_minutes) > 0"),
+    (["--nodes", "8", "--gpus-per-node", "8", "--site-env", "/nonexistent/site.sh", "--dry-run"],
+     "--site-env /nonexistent/site.sh: no such file; give the site environment file the job should source"),
     (["--nodes", "8", "--gpus-per-node", "8"],  # run with PATH lacking sbatch
      "sbatch is not on PATH: run `gridtrain submit` where Slurm's commands are (a login node), or add "
      "--dry-run to see the batch script without submitting"),
