@@ -133,8 +133,22 @@ def describe_failures(failures: dict) -> str:
             how = f"killed by {failure.signal_name()}"
         else:
             how = f"exit code {failure.exitcode}"
+        reason = _recorded_error(failure)
+        if reason:
+            how += f" ({reason})"
         parts.append(f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) failed: {how}")
     return "; ".join(parts) + "; the other ranks were stopped (see the rank's output above)"
+
+
+def _recorded_error(failure) -> str:
+    """The last line of the exception the rank recorded (`record()` in `gridtrain launch`), if any:
+    with torch 2.13 `message` is the error file's {"message": text, "extraInfo": ...}."""
+    if not os.path.isfile(failure.error_file):
+        return ""
+    message = failure.message
+    text = message.get("message", "") if isinstance(message, dict) else str(message)
+    lines = text.strip().splitlines()
+    return lines[-1][:400] if lines else ""
 
 
 def _preempted(failures: dict) -> bool:

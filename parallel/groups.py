@@ -157,7 +157,8 @@ def initialize(parallel: ParallelConfig, layout: Layout) -> ParallelContext:
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        distributed_timeout_minutes=max(1, round(parallel.timeout_minutes)),
+        # timedelta(minutes=...) inside: fractions work, and every group must give up when the world does
+        distributed_timeout_minutes=parallel.timeout_minutes,
         # megatron's extra gloo groups only serve its distributed optimizer, which gridtrain does not use
         create_gloo_process_groups=False,
     )

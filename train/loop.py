@@ -54,15 +54,23 @@ def run(cfg: RunConfig, layout: Layout) -> int:
     from gridtrain.parallel import groups
     from gridtrain.train.preemption import PREEMPTED_EXIT_CODE, StopRequest
 
+    from gridtrain.parallel.heartbeat import Heartbeat, explain_timeout, is_collective_timeout
+
     seed_everything(cfg.train.seed)
     rank_env.discover()  # torchrun's variables pass through; srun / mpirun ones are mapped onto them
     ctx = groups.initialize(cfg.parallel, layout)
+    heartbeat = Heartbeat(ctx.rank, layout.world_size).start()
     trainer = None
     try:
         with StopRequest() as stop:
             trainer = build_trainer(cfg, ctx, stop)
             finished = train(trainer)
+    except RuntimeError as exc:
+        if is_collective_timeout(exc):  # a peer alive but stuck: name it rather than the timeout
+            raise explain_timeout(heartbeat, cfg.parallel.timeout_minutes) from exc
+        raise
     finally:
+        heartbeat.stop()
         if trainer is not None:
             trainer.checkpointer.abandon()  # after a failure: no writer thread outlives the run
             trainer.checkpointer.deleter.wait()  # retired checkpoints are gone when the run ends

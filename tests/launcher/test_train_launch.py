@@ -1,9 +1,12 @@
 """`gridtrain train` end to end with the real trainer: two launcher processes on loopback acting as
 two nodes rendezvous and finish 0; SIGKILL of one rank's worker makes every process exit non-zero
-within 60 s with a message naming the failed rank (no hang)."""
+within 60 s with a message naming the failed rank (no hang); a SIGSTOPped rank is named as the one
+that stopped responding once the others' collectives time out; `mpiexec -n 4 gridtrain launch`
+trains exactly like `gridtrain train`."""
 import json
 import os
 import random
+import socket
 import signal
 import subprocess
 import sys
@@ -29,17 +32,18 @@ def corpus(tmp_path_factory) -> dict:
     return build_tiny_corpus(tmp_path_factory.mktemp("corpus"), docs, vocab_size=100)
 
 
-def write_config(tmp_path: Path, corpus: dict, name: str, steps: int) -> tuple[Path, Path]:
+def write_config(tmp_path: Path, corpus: dict, name: str, steps: int, parallel: str = "zero_stage: 1",
+                 checkpoint: str = "interval_steps: 0") -> tuple[Path, Path]:
     run_dir = tmp_path / name
     config = tmp_path / f"{name}.yaml"
     config.write_text(f"""
 model: {{family: llama, vocab_size: 128, hidden_size: 64, num_layers: 2, num_attention_heads: 4,
         num_kv_heads: 2, ffn_hidden_size: 128, max_seq_len: 64}}
-parallel: {{zero_stage: 1}}
+parallel: {{{parallel}}}
 data: {{blend: [[1.0, {corpus['prefix']}]], split: "90,10,0", seq_length: 64, tokenizer: {corpus['tokenizer']}}}
 optim: {{lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 2}}
 train: {{steps: {steps}, global_batch_size: 4, micro_batch_size: 2, run_dir: {run_dir}, eval_interval: 0}}
-checkpoint: {{interval_steps: 0}}
+checkpoint: {{{checkpoint}}}
 logging: {{tensorboard: false}}
 """)
     return config, run_dir
@@ -138,3 +142,59 @@ def test_sigusr1_to_the_launcher_checkpoints_every_rank(tmp_path, corpus):
     assert steps, f"no checkpoint written: {list((run_dir / 'checkpoints').iterdir())}"
     gone, alive = psutil.wait_procs(list(workers.values()), timeout=5)
     assert not alive
+
+
+def test_a_stopped_rank_is_named_when_the_others_time_out(tmp_path, corpus):
+    """SIGSTOP (alive, connections open, silent): the other rank's next collective gives up after
+    parallel.timeout_minutes, its heartbeat check names the stopped rank and host, the launcher's
+    line carries that, and the last checkpoint still verifies."""
+    from gridtrain.train.checkpoint.manifest import verify_checkpoint
+    from gridtrain.train.checkpoint.store import read_latest
+
+    config, run_dir = write_config(tmp_path, corpus, "stopped", steps=100000,
+                                   parallel="zero_stage: 1, timeout_minutes: 0.25", checkpoint="interval_steps: 2")
+    [launcher] = start_nodes(config, 1)
+    try:
+        deadline = time.time() + 180
+        while len(train_records(run_dir)) < 3 and launcher.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert len(train_records(run_dir)) >= 3, "training never started: " + launcher.stderr.read()[-3000:]
+        workers = workers_by_rank([launcher])
+        workers[1].suspend()  # SIGSTOP
+        stopped_at = time.time()
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    last = stderr.splitlines()[-1]
+    assert launcher.returncode == 1, stderr[-3000:]
+    assert (f"rank 0 waited parallel.timeout_minutes=0.25 in a collective and gave up: rank 1 on host "
+            f"{socket.gethostname()} (pid {workers[1].pid}) stopped responding") in last, last
+    assert "rank 1 (local rank 1" in last  # the agent then stopped it (SIGKILL reaches a stopped process)
+    # Rank 0 gave up after the 15 s timeout plus the heartbeat check, not after the agent's 30 s
+    # grace for the stopped rank: its error record says when.
+    assert workers[0].pid and time.time() - stopped_at < 100
+    ckpts = run_dir / "checkpoints"
+    assert verify_checkpoint(ckpts / read_latest(ckpts)) == []
+
+
+def test_mpiexec_launch_trains_like_gridtrain_train(tmp_path, corpus):
+    """TP=2 x DP=2 on 4 ranks started by MPICH's mpiexec (rank discovery from PMI_* variables,
+    master address and port agreed over mpi4py) and by `gridtrain train`: identical per-step
+    losses and grad norms (same layout, same reductions)."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip("no mpiexec next to the venv's python (pip install 'gridtrain[mpi]')")
+    layout = "tensor_parallel: 2, zero_stage: 1"
+    config, ref_dir = write_config(tmp_path, corpus, "torchrun", steps=3, parallel=layout)
+    proc = subprocess.run([*GRIDTRAIN, "train", str(config), "--nproc-per-node", "4"], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mpi_config, mpi_dir = write_config(tmp_path, corpus, "mpi", steps=3, parallel=layout)
+    proc = subprocess.run([str(mpiexec), "-n", "4", *GRIDTRAIN, "launch", str(mpi_config)], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ref, got = train_records(ref_dir), train_records(mpi_dir)
+    assert [r["step"] for r in got] == [1, 2, 3] and len(got[-1]["mem_bytes_per_rank"]) == 4
+    assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in ref]
+    assert len({r["loss"] for r in ref}) == 3  # the losses move, so equality is informative
