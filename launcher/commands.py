@@ -3,6 +3,7 @@ handlers only, so `--help` and `train --dry-run` answer in about a second."""
 import argparse
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def register(subparsers) -> None:
     train.add_argument("--resume-from", metavar="PATH", help="resume from this checkpoint (sets train.resume)")
     train.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="device to validate for (auto: CUDA if present); --dry-run of a GPU preset on a CPU host needs cuda")
+                       help="device to validate for (auto: CUDA if present; for --dry-run also when the "
+                            "config asks for parallel.backend: nccl, so a GPU preset checks as CUDA on a login node)")
     train.set_defaults(handler=train_command)
 
     launch = subparsers.add_parser(
@@ -112,8 +114,10 @@ def train_command(args) -> int:
 
     cfg = _load(args, _resume_overrides(args))
     nproc, world = _layout_world(cfg, args)
-    # Probe without torch: a bad config must fail in a second, before any heavy import.
-    device = resolve_device(args.device, import_torch=False)
+    # Probe without torch: a bad config must fail in a second, before any heavy import. A dry run of
+    # an NCCL config is a GPU job checked from wherever the user is (a login node has no GPU).
+    gpu_job = args.dry_run and args.device == "auto" and cfg.parallel.backend == "nccl"
+    device = "cuda" if gpu_job else resolve_device(args.device, import_torch=False)
     layout = validate(cfg, world, device)
     if args.dry_run:
         from gridtrain.launcher.dryrun import report
@@ -121,12 +125,16 @@ def train_command(args) -> int:
         print(report(cfg, layout), end="")
         return 0
     from gridtrain.launcher.preflight import check_inputs
+    from gridtrain.launcher.rank_env import port_in_use
     from gridtrain.launcher.spawn import NodeSpec, RankFailed, spawn
     from gridtrain.parallel.deepspeed_compat import check_deepspeed_version
     from gridtrain.train.preemption import PREEMPTED_EXIT_CODE
 
     check_deepspeed_version()
     check_inputs(cfg)
+    if args.nnodes > 1 and args.node_rank == 0 and args.master_port and port_in_use(args.master_port):
+        raise UserError(f"--master-port {args.master_port}: the port is in use on this host (node 0, where the "
+                        "ranks meet); pick a free port, the same on every node")
 
     # Every rank reads this one file, so all ranks train the identical resolved config.
     path = write_config(cfg, Path(cfg.train.run_dir) / RESOLVED_CONFIG)
@@ -149,12 +157,17 @@ def launch_command(args) -> int:
     # rank. Under torchrun it must: the agent stops the other ranks with SIGTERM when one fails.
     if "RANK" not in os.environ and not args.reshard:
         catch_early()
-    from gridtrain.launcher.rank_env import discover
+    from gridtrain.launcher.rank_env import discover, port_in_use
     from gridtrain.launcher.spawn import set_rank_environment
     from gridtrain.launcher.validate import validate
 
     cfg = _load(args)
     ranks = discover()
+    # Under srun / mpirun rank 0 serves the rendezvous store on MASTER_PORT (torchrun's agent serves
+    # its own): a port already taken would leave every rank waiting for a store that never starts.
+    if ranks.rank == 0 and ranks.source in ("slurm", "mpi") and port_in_use(ranks.master_port):
+        raise UserError(f"MASTER_PORT={ranks.master_port}: the port is in use on {socket.gethostname()} (rank 0 "
+                        "serves the rendezvous there); export MASTER_PORT=<a free port> in the job script")
     # Under srun/mpirun nobody else sets the per-rank thread count or NCCL settings; before torch loads.
     set_rank_environment(resolve_device("auto", import_torch=False))
     layout = validate(cfg, ranks.world_size, resolve_device("auto", import_torch=True))

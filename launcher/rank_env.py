@@ -101,6 +101,18 @@ def _mpi_master(env: Mapping[str, str], rank: int, world: int) -> tuple[str, int
     return env.get("MASTER_ADDR", addr), _int(env, "MASTER_PORT", port)
 
 
+def port_in_use(port: int) -> bool:
+    """Whether a TCP server could not listen on `port` here (SO_REUSEADDR as c10d's store sets it,
+    so a port only in TIME_WAIT counts as free)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))

@@ -135,7 +135,9 @@ def build_checkpointer(cfg: RunConfig, layout: Layout):
     record = RunRecord(ckpt_dir=checkpoint_dir(cfg.checkpoint, cfg.train.run_dir), model=cfg.model,
                        dtype=cfg.train.dtype, tokenizer=cfg.data.tokenizer,
                        config=config_record(cfg))
-    return Checkpointer(cfg.checkpoint, layout, record)
+    checkpointer = Checkpointer(cfg.checkpoint, layout, record)
+    checkpointer.check_shared()  # collective: a node-local checkpoint.dir fails here, not at the first save
+    return checkpointer
 
 
 def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:

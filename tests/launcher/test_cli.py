@@ -126,17 +126,20 @@ def test_missing_inputs_fail_before_spawning(tmp_path):
     assert "data.tokenizer='nope.model': no such file" in gone.stderr
 
 
-def test_failure_summary_and_exit_codes():
-    """The agent's failure records -> one line and exit code: a preemption stop (75, with the
-    stragglers the agent SIGTERMed) is not a crash; a SIGKILLed rank is named first."""
+def test_failure_summary_and_exit_codes(tmp_path, monkeypatch):
+    """The agent's failure records (torch's own ProcessFailure) -> one line and exit code: a
+    preemption stop (75, with the stragglers the agent SIGTERMed) is not a crash; a SIGKILLed rank
+    is named first; a rank's recorded exception is quoted."""
     import signal
-    from types import SimpleNamespace as Failure
+
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, ProcessFailure
 
     from gridtrain.launcher.spawn import _exit_code, describe_failures
 
-    def failure(code, pid, stamp):
-        name = signal.Signals(-code).name if code < 0 else ""
-        return Failure(exitcode=code, pid=pid, local_rank=pid % 10, timestamp=stamp, signal_name=lambda: name)
+    def failure(code, pid, stamp, error_file="<N/A>"):
+        found = ProcessFailure(local_rank=pid % 10, pid=pid, exitcode=code, error_file=error_file)
+        found.timestamp = stamp
+        return found
 
     stopped = {0: failure(75, 10, 1), 1: failure(-signal.SIGTERM, 11, 2)}
     assert _exit_code(stopped) == 75 and describe_failures(stopped).startswith("stopped on a preemption signal")
@@ -147,6 +150,15 @@ def test_failure_summary_and_exit_codes():
     crashed = {1: failure(1, 31, 1), 0: failure(75, 30, 2)}
     assert _exit_code(crashed) == 1 and "rank 1 (local rank 1, pid 31) failed: exit code 1" in describe_failures(crashed)
     assert _exit_code({0: failure(2, 40, 1), 1: failure(2, 41, 1)}) == 2
+    recorded = tmp_path / "error.json"  # what record() in `gridtrain launch` writes for the agent
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(recorded))
+    try:
+        raise RuntimeError("rank 1 on host n2 (pid 7) stopped responding")
+    except RuntimeError as exc:
+        ErrorHandler().record_exception(exc)
+    line = describe_failures({0: failure(1, 50, 1, str(recorded))})
+    assert line.startswith("rank 0 (local rank 0, pid 50) failed: exit code 1 (RuntimeError: rank 1 on host n2 "
+                           "(pid 7) stopped responding); "), line
 
 
 def test_a_command_module_that_fails_to_import_fails_loudly(monkeypatch):

@@ -6,6 +6,7 @@ trains exactly like `gridtrain train`."""
 import json
 import os
 import random
+import shutil
 import socket
 import signal
 import subprocess
@@ -198,3 +199,59 @@ def test_mpiexec_launch_trains_like_gridtrain_train(tmp_path, corpus):
     assert [r["step"] for r in got] == [1, 2, 3] and len(got[-1]["mem_bytes_per_rank"]) == 4
     assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in ref]
     assert len({r["loss"] for r in ref}) == 3  # the losses move, so equality is informative
+
+
+def test_a_checkpoint_dir_one_node_cannot_see_is_refused_at_start(tmp_path, corpus):
+    """Two "nodes" on loopback, the second in its own mount and UTS namespace (another hostname, a
+    node-local tmpfs over the checkpoint folder): both exit 2 before training, naming the host
+    that does not see rank 0's files. test_two_nodes_on_loopback_train_and_finish is the control
+    (same two nodes, shared folder: it trains)."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare(1) and root for a private mount namespace")
+    config, run_dir = write_config(tmp_path, corpus, "local-dir", steps=3, checkpoint="interval_steps: 2")
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True)
+    port = str(free_port())
+    node = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port]
+    first = subprocess.Popen([*GRIDTRAIN, "train", str(config), *node, "--node-rank", "0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    inner = " ".join([f"hostname gridtrain-node2 && mount -t tmpfs tmpfs {ckpts} && exec",
+                      *GRIDTRAIN, "train", str(config), *node, "--node-rank", "1"])
+    second = subprocess.Popen(["unshare", "--mount", "--uts", "sh", "-c", inner],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    errors = [proc.communicate(timeout=240)[1] for proc in (first, second)]
+    assert [first.returncode, second.returncode] == [2, 2], "\n".join(e[-2000:] for e in errors)
+    for err in errors:
+        assert (f"is not shared by every node: ranks on gridtrain-node2 do not see the file rank 0 wrote "
+                f"there on {socket.gethostname()}") in err.splitlines()[-1], err[-2000:]
+    assert not train_records(run_dir) and not list(ckpts.iterdir())
+
+
+def test_port_in_use_and_gpu_dry_run_on_a_cpu_host(tmp_path, corpus):
+    """One line and exit 2 for a master port already taken, from `gridtrain train` on node 0 and
+    from a rank 0 started by srun; a dry run of an NCCL (GPU) config on this CPU host validates it as
+    CUDA without --device."""
+    config, _ = write_config(tmp_path, corpus, "port", steps=3)
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([*GRIDTRAIN, "train", str(config), "--nnodes", "2", "--node-rank", "0", "--nproc-per-node", "1",
+                               "--master-addr", "127.0.0.1", "--master-port", str(port)],
+                              capture_output=True, text=True, env=ENV, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == (
+            f"gridtrain: error: --master-port {port}: the port is in use on this host (node 0, where the ranks "
+            "meet); pick a free port, the same on every node"), proc.stderr[-2000:]
+        slurm = {**ENV, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "7",
+                 "SLURM_JOB_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        proc = subprocess.run([*GRIDTRAIN, "launch", str(config)], capture_output=True, text=True, env=slurm, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == (
+            f"gridtrain: error: MASTER_PORT={port}: the port is in use on {socket.gethostname()} (rank 0 serves the "
+            "rendezvous there); export MASTER_PORT=<a free port> in the job script"), proc.stderr[-2000:]
+    preset = Path(__file__).resolve().parents[2] / "configs" / "llama-8b.yaml"
+    proc = subprocess.run([*GRIDTRAIN, "train", str(preset), "--dry-run"], capture_output=True, text=True, env=ENV,
+                          timeout=60)
+    assert proc.returncode == 0 and "layout: TP=8 x PP=1 x DP=8" in proc.stdout, proc.stdout[-1500:] + proc.stderr
+    proc = subprocess.run([*GRIDTRAIN, "train", str(preset), "--dry-run", "--device", "cpu"], capture_output=True,
+                          text=True, env=ENV, timeout=60)
+    assert proc.returncode == 2 and "parallel.backend" in proc.stderr  # negative control: validated as CPU

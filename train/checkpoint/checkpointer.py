@@ -9,8 +9,10 @@ before the next save, a forced save or the end of the run, whichever comes first
 import dataclasses
 import json
 import shutil
+import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +49,18 @@ class RunRecord:
     dtype: str = "fp32"
     tokenizer: str | None = None
     config: dict = field(default_factory=dict)
+
+
+SHARED_WAIT_S = 10.0
+
+
+def _appears(path: Path, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def library_versions() -> dict:
@@ -91,6 +105,36 @@ class Checkpointer:
         self.deleter = BackgroundDeleter()  # retired checkpoints go on its thread (rank 0)
         self._pending: PendingSave | None = None  # the save in flight
         self._staging = HostStaging() if cfg.async_save else None
+
+    def check_shared(self) -> None:
+        """Collective, at start-up: every rank must see what rank 0 writes in checkpoint.dir (all
+        ranks write each save there and rank 0 publishes it). Ranks on rank 0's host see it by
+        construction; the others look for a file rank 0 writes, for up to SHARED_WAIT_S (NFS
+        clients cache a missing name for a few seconds). Raises CheckpointError on every rank."""
+        rank, _ = rank_and_world()
+        hosts = all_gather_object(socket.gethostname())
+        if len(set(hosts)) == 1:
+            return
+        marker, error = None, None
+        if rank == 0:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                marker = self.dir / f".shared-check-{uuid.uuid4().hex}"
+                marker.write_text(hosts[0], encoding="utf-8")
+            except OSError as exc:
+                error = f"checkpoint.dir={str(self.dir)!r}: cannot write there on {hosts[0]} ({exc})"
+        marker, error = broadcast_object((marker and str(marker), error))
+        if error:
+            raise CheckpointError(error + "; fix its permissions or set checkpoint.dir elsewhere")
+        seen = all_gather_object(hosts[rank] == hosts[0] or _appears(Path(marker), SHARED_WAIT_S))
+        if rank == 0:
+            Path(marker).unlink(missing_ok=True)
+        blind = sorted({host for host, ok in zip(hosts, seen) if not ok})
+        if blind:
+            raise CheckpointError(
+                f"checkpoint.dir={str(self.dir)!r} is not shared by every node: ranks on {', '.join(blind)} do not "
+                f"see the file rank 0 wrote there on {hosts[0]}; put checkpoint.dir (or train.run_dir) on a "
+                "filesystem every node mounts (NFS, Lustre, GPFS)")
 
     # ---- saving -------------------------------------------------------------------------------
 
