@@ -21,12 +21,13 @@ REPEATS = 5
 NPROC = 2
 
 
-def relaunch() -> int:
+def relaunch(script: str = __file__) -> int:
+    """Run `script` on NPROC ranks through torch's elastic agent."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={NPROC}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=0", __file__]
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=0", script]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(cmd, env=env).returncode
 

@@ -9,28 +9,16 @@ Run: `make bench` or `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_checkpoint_
 (re-launches itself on 2 ranks through torch's elastic agent). GRIDTRAIN_BENCH_DIR picks the disk."""
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_checkpoint import NPROC, build_engine, dist_broadcast
+from bench_checkpoint import NPROC, build_engine, dist_broadcast, relaunch
 
-SAVES = 4
+SAVES = 6
 SAVE_EVERY = 12  # steps; long enough for a background write to finish between saves here
-
-
-def relaunch() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={NPROC}",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--max-restarts=0", __file__]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, env=env).returncode
 
 
 def train_step(engine) -> None:
@@ -102,4 +90,4 @@ def report(sync, background) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(worker() if "RANK" in os.environ else relaunch())
+    sys.exit(worker() if "RANK" in os.environ else relaunch(__file__))

@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,6 +188,17 @@ class _RecordingWriter:
         self.digests[str(path)] = (sink.size, sink.hexdigest())
         self._pending.append((path, self._fsync.submit(fsync_file, path)))
 
+    def later(self, fn, *args) -> Future:
+        """fn(*args) after the files queued so far: on the writer thread in the background, else
+        now. `fn` must report its errors in its result (`done` and `wait_durable` cover it)."""
+        if self._writes is not None:
+            future = self._writes.submit(fn, *args)
+            self._pending.append(("(gridtrain files)", future))
+            return future
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
     def done(self) -> bool:
         """Whether every write and fsync started so far has finished (never blocks)."""
         return all(future.done() for _, future in list(self._pending))
@@ -276,9 +287,11 @@ def _describe_write_error(path, exc: BaseException) -> str:
     return text + (f" (disk full: {free:,} bytes free)" if full else f" ({free:,} bytes free)")
 
 
-def _write_gridtrain_files(tmp: Path, state: TrainState, ctx: SaveContext, rank: int) -> list[str]:
-    """This rank's RNG state; on rank 0 also the run state JSON and the tokenizer copy."""
-    writes = [(rng_file(rank), lambda target: torch.save(capture_rng_state(), target))]
+def _gridtrain_files(state: TrainState, ctx: SaveContext, rank: int) -> list[tuple[str, object]]:
+    """(relative path, writer) of this rank's RNG state and, on rank 0, the run state JSON and the
+    tokenizer copy. Their contents are taken now, so they may be written later."""
+    rng = capture_rng_state()
+    writes = [(rng_file(rank), lambda target: torch.save(rng, target))]
     if rank == 0:
         record = {"train_state": state.to_dict(), "layout": ctx.layout, "config": ctx.config,
                   "versions": ctx.versions, "ds_tag": DS_TAG, "tokenizer": None}
@@ -287,16 +300,20 @@ def _write_gridtrain_files(tmp: Path, state: TrainState, ctx: SaveContext, rank:
             writes.append((TOKENIZER_NAME, lambda target: shutil.copyfile(ctx.tokenizer, target)))
         text = json.dumps(record, indent=2, sort_keys=True)
         writes.append((STATE_NAME, lambda target: target.write_text(text, encoding="utf-8")))
+    return writes
+
+
+def _write_gridtrain_files(tmp: Path, writes: list) -> tuple[dict, str | None]:
+    """(manifest entries, error or None) of writing `writes` into `tmp`. Never raises for I/O errors."""
     for rel, write in writes:
         try:
             write(tmp / rel)
         except (OSError, RuntimeError) as exc:
-            raise _WriteFailed(_describe_write_error(tmp / rel, exc)) from exc
-    return [rel for rel, _ in writes]
-
-
-class _WriteFailed(Exception):
-    pass
+            return {}, _describe_write_error(tmp / rel, exc)
+    try:
+        return digest_files(tmp, [rel for rel, _ in writes]), None
+    except OSError as exc:
+        return {}, f"checksum in {tmp}: {_short(exc)}"
 
 
 def _prepare_temp(tmp: Path, rank: int) -> None:
@@ -331,8 +348,7 @@ class PendingSave:
     tmp: Path
     step: int
     writer: _RecordingWriter
-    own: dict  # manifest entries of the gridtrain files this rank wrote
-    error: str | None  # a failure of those writes
+    own: Future  # (manifest entries, error or None) of the gridtrain files this rank writes
     started: float  # time.perf_counter() at the start
     stall: float  # seconds training has waited for this save so far
 
@@ -364,21 +380,16 @@ def start_save(ds_engine, state: TrainState, ctx: SaveContext, deleter: Backgrou
     except BaseException:
         writer.wait_durable()  # no thread keeps writing behind an exception
         raise
-    own, error = {}, None
-    try:
-        own = digest_files(tmp, _write_gridtrain_files(tmp, state, ctx, rank))
-    except _WriteFailed as exc:
-        error = str(exc)
-    except OSError as exc:
-        error = f"checksum in {tmp}: {_short(exc)}"
-    return PendingSave(tmp, state.step, writer, own, error, start, time.perf_counter() - start)
+    own = writer.later(_write_gridtrain_files, tmp, _gridtrain_files(state, ctx, rank))
+    return PendingSave(tmp, state.step, writer, own, start, time.perf_counter() - start)
 
 
 def _rank_entries(pending: PendingSave) -> tuple[dict, str | None]:
     """(manifest entries of this rank's files, error or None), once they are durable."""
     writer = pending.writer
     writer.wait_durable()
-    error = writer.error or pending.error
+    own, own_error = pending.own.result()
+    error = writer.error or own_error
     if error is not None:
         return {}, error
     try:
@@ -386,7 +397,7 @@ def _rank_entries(pending: PendingSave) -> tuple[dict, str | None]:
         relative = {p: Path(p).resolve().relative_to(root).as_posix() for p in writer.paths}
         known = {relative[p]: digest for p, digest in writer.digests.items()}
         entries = digest_files(pending.tmp, list(relative.values()), fsync=not writer.synced, known=known)
-        return {**entries, **pending.own}, None
+        return {**entries, **own}, None
     except OSError as exc:  # fsync or read-back for the checksum
         return {}, f"fsync/checksum in {pending.tmp}: {_short(exc)}"
 
