@@ -351,6 +351,7 @@ class PendingSave:
     own: Future  # (manifest entries, error or None) of the gridtrain files this rank writes
     started: float  # time.perf_counter() at the start
     stall: float  # seconds training has waited for this save so far
+    background: bool  # written on a thread (else inline: all of the save stalls training)
 
     def done(self) -> bool:
         """Whether this rank's files are all written and fsynced (never blocks)."""
@@ -381,7 +382,7 @@ def start_save(ds_engine, state: TrainState, ctx: SaveContext, deleter: Backgrou
         writer.wait_durable()  # no thread keeps writing behind an exception
         raise
     own = writer.later(_write_gridtrain_files, tmp, _gridtrain_files(state, ctx, rank))
-    return PendingSave(tmp, state.step, writer, own, start, time.perf_counter() - start)
+    return PendingSave(tmp, state.step, writer, own, start, time.perf_counter() - start, staging is not None)
 
 
 def _rank_entries(pending: PendingSave) -> tuple[dict, str | None]:
@@ -432,7 +433,8 @@ def finish_save(pending: PendingSave, ctx: SaveContext, deleter: BackgroundDelet
     final, total = outcome
     end = time.perf_counter()
     return SaveResult(path=Path(final), step=pending.step, bytes=total, seconds=end - pending.started,
-                      stall=pending.stall + end - begin, published_at=time.time())
+                      stall=pending.stall + end - begin if pending.background else end - pending.started,
+                      published_at=time.time())
 
 
 def note(message: str) -> None:
