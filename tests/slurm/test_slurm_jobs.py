@@ -103,7 +103,10 @@ def ranks_catching_usr1(run_dir: Path) -> int:
             caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", (proc / "status").read_text(), re.M).group(1), 16)
         except (OSError, AttributeError):
             continue
-        if b"launch" in argv and any(arg.startswith(str(run_dir).encode()) for arg in argv):
+        # The rank itself, not srun, whose command line holds the same words and which catches
+        # USR1 from the start (counting it raced a rank still starting: a flake seen once).
+        rank = Path(argv[0].decode(errors="replace")).name.startswith("python")
+        if rank and b"launch" in argv and any(arg.startswith(str(run_dir).encode()) for arg in argv):
             count += bool(caught & (1 << (10 - 1)))  # SIGUSR1 = 10
     return count
 
