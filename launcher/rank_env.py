@@ -51,7 +51,7 @@ def resolve(env: Mapping[str, str]) -> RankEnv:
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         addr = env.get("MASTER_ADDR") or (master_host(first_host(nodes)) if nodes else "127.0.0.1")
         # Every task of the job must pick the same port without talking: derive it from the job id.
-        port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000
+        port = slurm_master_port(env)
         return RankEnv("slurm", _int(env, "SLURM_PROCID"), world, _int(env, "SLURM_LOCALID", 0), addr, port)
     return RankEnv("single", 0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", _free_port()))
 
@@ -99,6 +99,12 @@ def _mpi_master(env: Mapping[str, str], rank: int, world: int) -> tuple[str, int
     chosen = (socket.gethostname(), _free_port()) if comm.Get_rank() == 0 else None
     addr, port = comm.bcast(chosen, root=0)
     return env.get("MASTER_ADDR", addr), _int(env, "MASTER_PORT", port)
+
+
+def slurm_master_port(env: Mapping[str, str]) -> int:
+    """MASTER_PORT if set, else one derived from the job id (20000-39999: outside the ephemeral
+    range, and two jobs sharing a node get different ports)."""
+    return _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + _int(env, "SLURM_JOB_ID", 0) % 20000
 
 
 def port_in_use(port: int) -> bool:

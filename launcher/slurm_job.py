@@ -54,10 +54,9 @@ def finished_checkpoint(cfg) -> Path | None:
     """The newest checkpoint if it is complete (manifest and files present) and at train.steps or
     beyond, else None. Sizes only, no checksums: resuming verifies fully anyway."""
     from gridtrain.train.checkpoint.manifest import verify_checkpoint
-    from gridtrain.train.checkpoint.store import list_checkpoints
+    from gridtrain.train.checkpoint.store import checkpoint_dir, list_checkpoints
 
-    ckpt_dir = Path(cfg.checkpoint.dir or Path(cfg.train.run_dir) / "checkpoints")
-    published = list_checkpoints(ckpt_dir)
+    published = list_checkpoints(checkpoint_dir(cfg.checkpoint, cfg.train.run_dir))
     if not published or published[-1][0] < cfg.train.steps:
         return None
     path = published[-1][1]
@@ -65,7 +64,7 @@ def finished_checkpoint(cfg) -> Path | None:
 
 
 def start(cfg, env) -> int:
-    from gridtrain.launcher.rank_env import first_host, master_host
+    from gridtrain.launcher.rank_env import first_host, master_host, slurm_master_port
 
     restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
     done = finished_checkpoint(cfg)
@@ -75,7 +74,7 @@ def start(cfg, env) -> int:
         return FINISHED_EXIT_CODE
     nodes = env.get("SLURM_JOB_NODELIST", "")
     master = master_host(first_host(nodes)) if nodes else "?"
-    port = 20000 + int(env.get("SLURM_JOB_ID") or 0) % 20000  # as rank discovery derives it
+    port = slurm_master_port(env)
     say(f"job {job_id(env)} restart {restarts}: nodes {nodes or '?'}, {env.get('SLURM_NTASKS', '?')} ranks, "
         f"master {master}:{port}, run {cfg.train.run_dir}")
     return 0

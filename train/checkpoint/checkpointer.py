@@ -29,14 +29,10 @@ from gridtrain.train.checkpoint.rng import restore_rng_state
 from gridtrain.train.checkpoint.save import (
     DS_TAG, HostStaging, PendingSave, SaveContext, SaveResult, finish_save, note, rng_file, start_save)
 from gridtrain.train.checkpoint.store import (
-    BackgroundDeleter, CheckpointError, candidates, choose_valid, find_resumable, list_checkpoints, remove_stale_temps)
+    BackgroundDeleter, CheckpointError, candidates, checkpoint_dir, choose_valid, find_resumable, list_checkpoints,
+    remove_stale_temps)
 from gridtrain.train.config import CheckpointConfig
 from gridtrain.train.state import TrainState
-
-
-def checkpoint_dir(cfg: CheckpointConfig, run_dir: str) -> Path:
-    """checkpoint.dir, else <run_dir>/checkpoints."""
-    return Path(cfg.dir or Path(run_dir) / "checkpoints")
 
 
 @dataclass(frozen=True)
@@ -148,8 +144,9 @@ class Checkpointer:
         if self._pending is not None and (due or not any_rank(not self._pending.done())):
             published.append(self._finish())
         if due:
-            self._start(engine, state, background=self.cfg.async_save and not force)
-            if not (self.cfg.async_save and not force):
+            background = self.cfg.async_save and not force
+            self._start(engine, state, background)
+            if not background:
                 published.append(self._finish())
         return published
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from gridtrain.launcher.errors import UserError
 from gridtrain.train.checkpoint.manifest import fsync_dir, verify_checkpoint, write_text_atomic
+from gridtrain.train.config import CheckpointConfig
 
 LATEST_NAME = "latest"
 _NAME_RE = re.compile(r"^step_(\d{8,})$")
@@ -57,6 +58,11 @@ def read_latest(ckpt_dir: Path) -> str | None:
     except OSError:
         return None
     return name if step_of(name) is not None else None
+
+
+def checkpoint_dir(cfg: CheckpointConfig, run_dir: str) -> Path:
+    """checkpoint.dir, else <run_dir>/checkpoints."""
+    return Path(cfg.dir or Path(run_dir) / "checkpoints")
 
 
 def temp_path(ckpt_dir: Path, step: int) -> Path:
