@@ -8,6 +8,7 @@ end:   maps the ranks' exit status onto the job's fate: 0 finished; PREEMPTED_EX
        checkpoint was written) -> `scontrol requeue` unless SLURM_RESTART_COUNT has reached the cap;
        anything else is a failure and is returned as the job's exit code."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,12 +94,27 @@ def end(cfg, status: int, max_requeues: int, env) -> int:
     restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
     if restarts >= max_requeues:
         say(f"job {jid}: stopped with a checkpoint but not requeued: it has been requeued {restarts} time(s), "
-            f"the cap (--max-requeues {max_requeues}); submit again to continue")
+            f"the cap (--max-requeues {max_requeues}); {how_to_continue(jid)}")
         return PREEMPTED_EXIT_CODE
     result = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True)
     if result.returncode != 0:
         why = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
-        say(f"job {jid}: stopped with a checkpoint, but `scontrol requeue {jid}` failed: {why}; submit again to continue")
+        say(f"job {jid}: stopped with a checkpoint, but `scontrol requeue {jid}` failed: {why}; {how_to_continue(jid)}")
         return PREEMPTED_EXIT_CODE
     say(f"job {jid}: stopped with a checkpoint; requeued (restart {restarts + 1} of at most {max_requeues})")
     return 0
+
+
+def how_to_continue(jid: str) -> str:
+    """Who resumes a job that is not requeued: the next job of its `--chain` (a pending job with an
+    `afterany:<jid>` dependency, from squeue), else the user."""
+    try:
+        result = subprocess.run(["squeue", "--noheader", "--states=PENDING", "--format=%i %E"],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "submit again to continue"
+    for line in result.stdout.splitlines() if result.returncode == 0 else []:
+        job, _, dependency = line.partition(" ")
+        if re.search(rf"afterany:{re.escape(jid)}(?![0-9_])", dependency):
+            return f"job {job} of the chain resumes from it"
+    return "submit again to continue"

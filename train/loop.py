@@ -211,7 +211,7 @@ def train(t: Trainer) -> bool:
         force = stopping or (step == cfg.train.steps and saves_on)
         record_saves(t, t.checkpointer.maybe_save(t.engine, t.state, force=force))
         if stopping:
-            t.writer.note(f"stop requested: saved step {step} and stopping")
+            t.writer.note(f"stop requested by {t.stop.cause()}: saved step {step} and stopping")
             return False
     record_saves(t, t.checkpointer.close())  # a background save still in flight is published first
     val_loss = evaluate(t)

@@ -66,6 +66,10 @@ class StopRequest:
     def local(self) -> bool:
         return self.received is not None
 
+    def cause(self) -> str:
+        """What asked this rank to stop, for the log: the signal it received, or another rank's."""
+        return signal.Signals(self.received).name if self.local else "another rank's signal"
+
     def should_stop(self) -> bool:
         """True on every rank iff any rank has received a stop signal. One tiny all-reduce."""
         from gridtrain.parallel.collectives import any_rank

@@ -1,13 +1,13 @@
 """`gridtrain submit` through real Slurm daemons (two slurmd, n1 and n2, on this machine): a 2-node
 TP=2 run trains, checkpoints and finishes, and a job started after it exits 0 at once; the full
 preemption cycle (USR1 -> save -> exit 75 -> requeue -> resume) reproduces the uninterrupted run's
-losses bit for bit; the requeue cap ends a job that keeps being stopped; and `--chain 2` finishes
-the run in its second job.
+losses bit for bit; the requeue cap ends a job that keeps being stopped; `--chain 2` finishes the
+run in its second job; and a chain's first job cut by its real 1-minute time limit (Slurm's own
+USR1 warning) hands over to the second.
 
-The first job of the chain is cut by `scancel --signal=USR1`, not by its time limit: Slurm's
-limits are whole minutes and the controller checks them about every 30 s, so a real time-limit
-warning would cost minutes per test. The signal is the same one `--signal=USR1@<grace>` sends
-(to every task of the job steps), so the ranks and the batch script see the same thing."""
+The preemption test sends USR1 with `scancel --signal=USR1`: the signal `--signal=USR1@<grace>`
+sends (to every task of the job steps), at the moment the test needs it (during start-up, then
+mid-run). Only the time-limit test waits for Slurm's warning, which comes 10-40 s into the job."""
 import json
 import re
 import subprocess
@@ -34,8 +34,8 @@ def corpus(tmp_path_factory) -> dict:
     return build_tiny_corpus(tmp_path_factory.mktemp("corpus"), docs, vocab_size=100)
 
 
-def write_config(root: Path, corpus: dict, name: str) -> tuple[Path, Path]:
-    """TP=2 on 2 ranks (one per node), checkpoints every 10 steps; ~70 ms a step here."""
+def write_config(root: Path, corpus: dict, name: str, steps: int = STEPS, interval: int = 10) -> tuple[Path, Path]:
+    """TP=2 on 2 ranks (one per node), checkpoints every `interval` steps; ~70 ms a step here."""
     run_dir = root / name
     config = root / f"{name}.yaml"
     config.write_text(f"""
@@ -44,8 +44,8 @@ model: {{family: llama, vocab_size: 128, hidden_size: 64, num_layers: 2, num_att
 parallel: {{tensor_parallel: 2, zero_stage: 1}}
 data: {{blend: [[1.0, {corpus['prefix']}]], split: "90,10,0", seq_length: 64, tokenizer: {corpus['tokenizer']}}}
 optim: {{lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 2}}
-train: {{steps: {STEPS}, global_batch_size: {BATCH}, micro_batch_size: 2, run_dir: {run_dir}, eval_interval: 0}}
-checkpoint: {{interval_steps: 10}}
+train: {{steps: {steps}, global_batch_size: {BATCH}, micro_batch_size: 2, run_dir: {run_dir}, eval_interval: 0}}
+checkpoint: {{interval_steps: {interval}}}
 logging: {{tensorboard: false}}
 """)
     return config, run_dir
@@ -198,11 +198,11 @@ def test_preemption_requeues_resumes_and_the_cap_ends_the_job_then_the_chain_fin
     job = wait_ended(slurm_cluster, first)
     log = log_of(run_dir, first)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "75:0", "1"), log[-3000:]
-    assert log.count("stop requested: saved step") == 2 and "stop requested: saved step 1 and" in log
+    assert log.count("stop requested by SIGUSR1: saved step") == 2 and "stop requested by SIGUSR1: saved step 1 and" in log
     assert f"job {first}: stopped with a checkpoint; requeued (restart 1 of at most 1)" in log
     assert f"job {first} restart 1: nodes n[1-2]" in log
     assert (f"job {first}: stopped with a checkpoint but not requeued: it has been requeued 1 time(s), "
-            "the cap (--max-requeues 1)") in log
+            f"the cap (--max-requeues 1); job {second} of the chain resumes from it") in log
 
     job = wait_ended(slurm_cluster, second)
     log = log_of(run_dir, second)
@@ -214,3 +214,41 @@ def test_preemption_requeues_resumes_and_the_cap_ends_the_job_then_the_chain_fin
     assert [r["consumed_samples"] for r in records] == [BATCH * r["step"] for r in records]
     assert [r["loss"] for r in records] == [r["loss"] for r in reference]
     assert records[5]["loss"] != records[6]["loss"]  # losses differ per step: equality means something
+
+
+def test_chain_goes_on_when_the_first_job_reaches_its_time_limit(slurm_cluster, corpus, uninterrupted, tmp_path):
+    """`--chain 2 --time 1 --signal-grace 50 --max-requeues 0`, and nobody signals the job: Slurm's
+    own warning (USR1, 50 s before the 1-minute limit) stops job 1 with a checkpoint, it is not
+    requeued, and job 2 resumes and finishes; every step once.
+
+    slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT), so the warning comes 10-40 s after
+    the job starts: the run is sized from the uninterrupted job's step time to train well past
+    that. Job 2 is given a 10-minute limit while it waits (`scontrol update`): with the same 1
+    minute it would be cut anywhere in its first 10-40 s too, where a real chain's later jobs
+    (hours-long limits) run to their end."""
+    reference = train_records(uninterrupted["run_dir"])
+    step_s = (reference[-1]["time"] - reference[0]["time"]) / (len(reference) - 1)
+    steps = max(200, round(45 / step_s))  # training until at least 45 s after the ranks start
+    config, run_dir = write_config(tmp_path, corpus, "time-limit", steps=steps, interval=100)
+    first, second = submit(slurm_cluster, config, "--chain", "2", "--time", "1", "--signal-grace", "50",
+                           "--max-requeues", "0")
+    slurm_cluster.run("scontrol", "update", f"JobId={second}", "TimeLimit=10")
+
+    job = wait_ended(slurm_cluster, first, 120)
+    log = log_of(run_dir, first)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"], job["TimeLimit"]) == (
+        "FAILED", "75:0", "0", "00:01:00"), log[-3000:]
+    assert "stop requested by SIGUSR1: saved step" in log  # nobody but Slurm sent it
+    assert (f"job {first}: stopped with a checkpoint but not requeued: it has been requeued 0 time(s), "
+            f"the cap (--max-requeues 0); job {second} of the chain resumes from it") in log
+    cut = len(train_records(run_dir))
+    assert 0 < cut < steps
+
+    job = wait_ended(slurm_cluster, second, 150)
+    log = log_of(run_dir, second)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert f"resumed at step {cut}, {cut * BATCH} samples consumed" in log
+    assert f"training finished at train.steps={steps}" in log
+    records = train_records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert [r["consumed_samples"] for r in records] == [BATCH * r["step"] for r in records]
