@@ -4,7 +4,10 @@ IndexedDatasetBuilder, so megatron-core's IndexedDataset and Megatron-LM read th
 Shards are written under names that do not form a .bin/.idx pair (PREFIX.bin.partial,
 PREFIX.idx.partial) and renamed only when the whole run succeeded, so an interrupted run never
 leaves a pair that looks complete."""
+import importlib
+import importlib.util
 import os
+import sys
 from typing import Optional
 
 import numpy as np
@@ -27,6 +30,46 @@ def shard_prefix(output_prefix: str, part: Optional[str], shard: Optional[int]) 
     return prefix
 
 
+def import_builder() -> None:
+    """Import megatron-core's IndexedDatasetBuilder without running megatron/core/__init__.py.
+
+    Why: that __init__ imports the training stack (tensor_parallel, distributed, optimizer,
+    transformer, torch._inductor; wandb when installed): ~3.6 CPU-s beyond torch's own 1.5 on this
+    machine, a quarter of a whole `preprocess` of a 33 MB corpus on 2 cores, none of it used for
+    writing shards. The builder module itself is imported normally (it imports torch, numpy and
+    megatron.core.utils). The package is registered uninitialised and completes its own __init__ the
+    first time anything asks it for a missing attribute (`from megatron.core import X`, PEP 562), so
+    later users in the same process see the whole package. If this megatron-core version cannot be
+    imported that way, the package is imported whole instead (slower, same result). Evidence and
+    figures: bench/bench_data_preprocess.py."""
+    if "megatron.core" in sys.modules:
+        importlib.import_module("megatron.core.datasets.indexed_dataset")
+        return
+    spec = importlib.util.find_spec("megatron.core")
+    package = importlib.util.module_from_spec(spec)
+
+    def missing(name: str):
+        # `from megatron.core import config` asks for a submodule (hasattr first): import just it.
+        if importlib.util.find_spec(f"megatron.core.{name}") is not None:
+            return importlib.import_module(f"megatron.core.{name}")
+        del package.__getattr__  # anything else is defined by __init__: run it now, once
+        spec.loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__getattr__ = missing
+    sys.modules["megatron.core"] = package
+    sys.modules["megatron"].core = package  # what `import megatron.core` binds
+    try:
+        # megatron.core.utils and parallel_state import each other; parallel_state first is the order
+        # the package's own __init__ resolves it in.
+        importlib.import_module("megatron.core.parallel_state")
+        importlib.import_module("megatron.core.datasets.indexed_dataset")
+    except ImportError:
+        for name in [n for n in sys.modules if n == "megatron.core" or n.startswith("megatron.core.")]:
+            del sys.modules[name]
+        importlib.import_module("megatron.core.datasets.indexed_dataset")
+
+
 class ShardWriter:
     """Appends documents to the current shard; starts a new shard after one reaches
     shard_size_tokens (documents are never split). finish() publishes all shards atomically."""
@@ -44,6 +87,7 @@ class ShardWriter:
         self.tokens = 0
 
     def _open(self) -> None:
+        import_builder()
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         shard = len(self.done) if self.shard_size_tokens else None
