@@ -174,9 +174,10 @@ def test_a_stopped_rank_is_named_when_the_others_time_out(tmp_path, corpus):
     assert (f"rank 0 waited parallel.timeout_minutes=0.25 in a collective and gave up: rank 1 on host "
             f"{socket.gethostname()} (pid {workers[1].pid}) stopped responding") in last, last
     assert "rank 1 (local rank 1" in last  # the agent then stopped it (SIGKILL reaches a stopped process)
-    # Rank 0 gave up after the 15 s timeout (not before: a slow step is no hang) plus the ~4 s
-    # heartbeat check; the launcher then waits out torchrun's 30 s grace for the stopped rank.
-    assert 14 <= rank0_gave_up < 35, rank0_gave_up  # 14: a collective may have begun just before the stop
+    # Rank 0 exited after the 15 s timeout (not before: a slow step is no hang) plus the 4 s heartbeat
+    # check and its exit (~19 s measured; 5 s of slack for a loaded machine); the launcher then waits
+    # out torchrun's 30 s grace for the stopped rank.
+    assert 14 <= rank0_gave_up < 24, rank0_gave_up  # 14: a collective may have begun just before the stop
     ckpts = run_dir / "checkpoints"
     assert verify_checkpoint(ckpts / read_latest(ckpts)) == []
 
