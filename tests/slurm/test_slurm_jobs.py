@@ -10,6 +10,7 @@ sends (to every task of the job steps), at the moment the test needs it (during 
 mid-run). Only the time-limit test waits for Slurm's warning, which comes 10-40 s into the job."""
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -173,6 +174,45 @@ def test_srun_tasks_discover_their_ranks_and_a_wrong_world_is_one_line(slurm_clu
     assert errors == [f"{rank}: gridtrain: error: world_size=2: must be a multiple of parallel.tensor_parallel (2) x "
                       "parallel.pipeline_parallel (2) = 4; launch a multiple of 4 ranks or change the layout"
                       for rank in (0, 1)]
+
+
+def test_job_end_requeues_array_tasks_by_task_id_and_reports_failures(slurm_cluster, uninterrupted, tmp_path):
+    """`gridtrain slurm-job end` (the batch script's last step) in real batch jobs, given srun's
+    status: an array task stopped with a checkpoint is requeued as <array job>_<task> and then ended
+    by the cap; a crash is not requeued; a job Slurm refuses to requeue (--no-requeue) fails with
+    Slurm's reason. No ranks start: the decision alone is tested here, the whole cycle above."""
+    end = f"{shlex.join(GRIDTRAIN)} slurm-job end {uninterrupted['config']}"
+
+    def sbatch(name: str, *flags: str, status: int, cap: int) -> str:
+        out = slurm_cluster.run("sbatch", "--parsable", f"--job-name={name}", f"--output={tmp_path}/{name}.out",
+                                "--open-mode=append", *flags, "--wrap", f"{end} --status {status} --max-requeues {cap}")
+        return out.stdout.strip()
+
+    array = sbatch("array", "--array=3", "--requeue", status=75, cap=1)
+    crash = sbatch("crash", "--requeue", status=1, cap=3)
+    refused = sbatch("refused", "--no-requeue", status=75, cap=3)
+    task = f"{array}_3"
+    def log(name: str) -> list[str]:  # gridtrain's lines (slurmstepd adds its own on a requeue)
+        return [line for line in (tmp_path / f"{name}.out").read_text().splitlines() if line.startswith("gridtrain:")]
+
+
+    job = wait_ended(slurm_cluster, task, 90)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "75:0", "1"), log("array")
+    assert log("array") == [
+        f"gridtrain: job {task}: stopped with a checkpoint; requeued (restart 1 of at most 1)",
+        f"gridtrain: job {task}: stopped with a checkpoint but not requeued: it has been requeued 1 time(s), "
+        "the cap (--max-requeues 1); submit again to continue"]
+
+    job = wait_ended(slurm_cluster, crash, 30)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "1:0", "0"), log("crash")
+    assert log("crash") == [
+        f"gridtrain: job {crash}: the ranks failed (srun exit status 1); not requeued: see the ranks' output above"]
+
+    job = wait_ended(slurm_cluster, refused, 30)
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "75:0", "0"), log("refused")
+    [line] = log("refused")
+    assert line.startswith(f"gridtrain: job {refused}: stopped with a checkpoint, but `scontrol requeue {refused}` "
+                           "failed: ") and line.endswith("; submit again to continue"), line
 
 
 def test_preemption_requeues_resumes_and_the_cap_ends_the_job_then_the_chain_finishes(
