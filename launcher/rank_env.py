@@ -129,7 +129,7 @@ def first_host(nodelist: str) -> str:
     """First host of a Slurm nodelist: `scontrol show hostnames` when Slurm is installed (it knows
     every syntax), else our parser."""
     if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        out = _scontrol("show", "hostnames", nodelist)
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()[0]
     return expand_nodelist(nodelist)[0]
@@ -139,18 +139,45 @@ def master_host(node: str) -> str:
     """An address for Slurm node `node`: its name when that resolves (the usual case, no extra
     call), else the NodeAddr Slurm reaches it by (`scontrol show node`). Sites whose node names
     are not host names (and several slurmd on one host, as in the tests) need the NodeAddr; asking
-    only when the name fails keeps a large job from sending one scontrol RPC per rank."""
+    only when the name fails keeps a large job from sending one scontrol RPC per rank. A name that
+    neither resolves nor has a NodeAddr is an error now: every rank would otherwise retry it for
+    the store's 10-minute connect timeout."""
     try:
         socket.getaddrinfo(node, None)
         return node
     except OSError:
         pass
+    why = "scontrol is not on PATH"
     if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "-o", "show", "node", node], capture_output=True, text=True)
+        out = _scontrol("-o", "show", "node", node)
         match = re.search(r"\bNodeAddr=(\S+)", out.stdout) if out.returncode == 0 else None
         if match:
             return match.group(1)
-    return node
+        why = f"`scontrol -o show node {node}` gave no NodeAddr ({' '.join(out.stderr.split()) or out.returncode})"
+    raise UserError(f"SLURM_JOB_NODELIST: the first node {node!r} does not resolve as a host name and {why}; "
+                    "set MASTER_ADDR to an address of that node")
+
+
+def _scontrol(*args: str) -> subprocess.CompletedProcess:
+    try:
+        return run_shielded(["scontrol", *args], timeout=60)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(["scontrol", *args], 124, "", "no answer within 60 s")
+
+
+def run_shielded(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd` with the preemption signals (USR1, TERM) blocked in it. Ranks ask Slurm while
+    starting, when `scancel --signal=USR1` or a time-limit warning reaches every process of the job
+    step, children too: an unprotected scontrol died of it (seen once in the tests) and the rank
+    went on with a wrong master address. A blocked signal stays blocked across fork and exec; this
+    process receives its own copy once its mask is restored."""
+    import signal
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

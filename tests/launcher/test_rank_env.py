@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gridtrain.launcher.errors import UserError
-from gridtrain.launcher.rank_env import RankEnv, expand_nodelist, first_host, resolve
+from gridtrain.launcher.rank_env import RankEnv, expand_nodelist, first_host, resolve, run_shielded
 
 
 @pytest.mark.parametrize("nodelist, hosts", [
@@ -35,6 +35,21 @@ def test_first_host_without_scontrol(monkeypatch):
     assert first_host("node[07-09]") == "node07"
 
 
+def test_slurm_queries_run_with_the_preemption_signals_blocked():
+    """What the child of run_shielded has blocked (SigBlk of /proc/self/status: bit N-1 for signal
+    N), while this process gets its mask back; a plain child (the control) blocks neither."""
+    import signal
+
+    def blocked(result) -> set:
+        mask = int(re.search(r"^SigBlk:\s*([0-9a-f]+)", result.stdout, re.M).group(1), 16)
+        return {sig for sig in (signal.SIGUSR1, signal.SIGTERM) if mask & (1 << (sig - 1))}
+
+    status = ["cat", "/proc/self/status"]
+    assert blocked(run_shielded(status, timeout=10)) == {signal.SIGUSR1, signal.SIGTERM}
+    assert not {signal.SIGUSR1, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert blocked(subprocess.run(status, capture_output=True, text=True)) == set()
+
+
 def test_torchrun_variables_pass_through():
     env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234",
            "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
@@ -44,9 +59,14 @@ def test_torchrun_variables_pass_through():
 def test_slurm_variables_map_onto_torch_ones(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")  # use our parser, not a local scontrol
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "6", "SLURM_LOCALID": "1",
-           "SLURM_JOB_NODELIST": "gpu[12-15]", "SLURM_JOB_ID": "123456"}
-    assert resolve(env) == RankEnv("slurm", 5, 6, 1, "gpu12", 20000 + 123456 % 20000)
+           "SLURM_JOB_NODELIST": "localhost,gpu[13-15]", "SLURM_JOB_ID": "123456"}
+    assert resolve(env) == RankEnv("slurm", 5, 6, 1, "localhost", 20000 + 123456 % 20000)
     assert resolve({**env, "MASTER_ADDR": "x", "MASTER_PORT": "99"}) == RankEnv("slurm", 5, 6, 1, "x", 99)
+    # A first node that does not resolve, with no Slurm to ask for its NodeAddr: one line, not a
+    # rank retrying an unknown host for the store's connect timeout.
+    with pytest.raises(UserError, match=r"^SLURM_JOB_NODELIST: the first node 'gpu12' does not resolve as a host "
+                                        r"name and scontrol is not on PATH; set MASTER_ADDR to an address"):
+        resolve({**env, "SLURM_JOB_NODELIST": "gpu[12-15]"})
 
 
 def test_mpi_variables_win_over_inherited_slurm_ones():

@@ -179,7 +179,8 @@ def test_srun_tasks_discover_their_ranks_and_a_wrong_world_is_one_line(slurm_clu
 def test_nodelists_and_master_addresses_agree_with_slurm(slurm_cluster, monkeypatch):
     """Our hostlist parser (used where scontrol is missing) expands as Slurm's own `scontrol show
     hostnames` does, and the master address of a node whose name does not resolve is the NodeAddr
-    Slurm reports (a name that resolves is kept, one Slurm does not know either is kept as given)."""
+    Slurm reports (a name that resolves is kept; one Slurm does not know either is one line)."""
+    from gridtrain.launcher.errors import UserError
     from gridtrain.launcher.rank_env import expand_nodelist, first_host, master_host
 
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
@@ -188,8 +189,10 @@ def test_nodelists_and_master_addresses_agree_with_slurm(slurm_cluster, monkeypa
     for nodelist in ("node[01-03,07]", "gpu7", "a1,b[8-10]", "rack[1-2]-n[09-10]", "gpu[1,3],login"):
         assert expand_nodelist(nodelist) == slurm_cluster.run("scontrol", "show", "hostnames", nodelist).stdout.split()
     assert first_host("n[1-2]") == "n1"
-    assert (master_host("n1"), master_host("localhost"), master_host("n9.invalid")) == ("127.0.0.1", "localhost",
-                                                                                     "n9.invalid")
+    assert (master_host("n1"), master_host("localhost")) == ("127.0.0.1", "localhost")
+    with pytest.raises(UserError, match=r"the first node 'n9.invalid' does not resolve as a host name and "
+                                        r"`scontrol -o show node n9.invalid` gave no NodeAddr \(.+\); set MASTER_ADDR"):
+        master_host("n9.invalid")
 
 
 def test_job_end_requeues_array_tasks_by_task_id_and_reports_failures(slurm_cluster, uninterrupted, tmp_path):
