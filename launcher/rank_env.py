@@ -129,7 +129,7 @@ def first_host(nodelist: str) -> str:
     """First host of a Slurm nodelist: `scontrol show hostnames` when Slurm is installed (it knows
     every syntax), else our parser."""
     if shutil.which("scontrol"):
-        out = _scontrol("show", "hostnames", nodelist)
+        out = slurm_command("scontrol", "show", "hostnames", nodelist)
         if out.returncode == 0 and out.stdout.split():
             return out.stdout.split()[0]
     return expand_nodelist(nodelist)[0]
@@ -149,7 +149,7 @@ def master_host(node: str) -> str:
         pass
     why = "scontrol is not on PATH"
     if shutil.which("scontrol"):
-        out = _scontrol("-o", "show", "node", node)
+        out = slurm_command("scontrol", "-o", "show", "node", node)
         match = re.search(r"\bNodeAddr=(\S+)", out.stdout) if out.returncode == 0 else None
         if match:
             return match.group(1)
@@ -158,11 +158,16 @@ def master_host(node: str) -> str:
                     "set MASTER_ADDR to an address of that node")
 
 
-def _scontrol(*args: str) -> subprocess.CompletedProcess:
+def slurm_command(*cmd: str) -> subprocess.CompletedProcess:
+    """A Slurm client command (scontrol, squeue), shielded from the job's preemption signals. A
+    command that is missing (127) or gives no answer within 60 s (124) is a failed result, not an
+    exception: every caller has a fallback or a message for a failure."""
     try:
-        return run_shielded(["scontrol", *args], timeout=60)
+        return run_shielded(list(cmd), timeout=60)
+    except OSError as exc:
+        return subprocess.CompletedProcess(list(cmd), 127, "", str(exc))
     except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(["scontrol", *args], 124, "", "no answer within 60 s")
+        return subprocess.CompletedProcess(list(cmd), 124, "", "no answer within 60 s")
 
 
 def run_shielded(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:

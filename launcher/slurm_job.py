@@ -9,11 +9,11 @@ end:   maps the ranks' exit status onto the job's fate: 0 finished; PREEMPTED_EX
        anything else is a failure and is returned as the job's exit code."""
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 from gridtrain.launcher.errors import UserError
+from gridtrain.launcher.rank_env import slurm_command
 
 FINISHED_EXIT_CODE = 3  # the batch script turns it into exit 0 without starting the ranks
 
@@ -96,7 +96,7 @@ def end(cfg, status: int, max_requeues: int, env) -> int:
         say(f"job {jid}: stopped with a checkpoint but not requeued: it has been requeued {restarts} time(s), "
             f"the cap (--max-requeues {max_requeues}); {how_to_continue(jid)}")
         return PREEMPTED_EXIT_CODE
-    result = subprocess.run(["scontrol", "requeue", jid], capture_output=True, text=True)
+    result = slurm_command("scontrol", "requeue", jid)
     if result.returncode != 0:
         why = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
         say(f"job {jid}: stopped with a checkpoint, but `scontrol requeue {jid}` failed: {why}; {how_to_continue(jid)}")
@@ -108,11 +108,7 @@ def end(cfg, status: int, max_requeues: int, env) -> int:
 def how_to_continue(jid: str) -> str:
     """Who resumes a job that is not requeued: the next job of its `--chain` (a pending job with an
     `afterany:<jid>` dependency, from squeue), else the user."""
-    try:
-        result = subprocess.run(["squeue", "--noheader", "--states=PENDING", "--format=%i %E"],
-                                capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return "submit again to continue"
+    result = slurm_command("squeue", "--noheader", "--states=PENDING", "--format=%i %E")
     for line in result.stdout.splitlines() if result.returncode == 0 else []:
         job, _, dependency = line.partition(" ")
         if re.search(rf"afterany:{re.escape(jid)}(?![0-9_])", dependency):
