@@ -69,7 +69,7 @@ def checkpointer(root: Path):
 
     from gridtrain.parallel.layout import Layout
     from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord
-    from gridtrain.train.config import CheckpointConfig
+    from gridtrain.train.checkpoint.config import CheckpointConfig
 
     world = dist.get_world_size()
     layout = Layout(tp=1, pp=1, dp=world, zero_stage=2, micro_batch_size=1, global_batch_size=world)
@@ -80,7 +80,7 @@ def worker() -> int:
     import deepspeed
     import torch.distributed as dist
 
-    from gridtrain.train.state import TrainState
+    from gridtrain.train.checkpoint.state import TrainState
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()

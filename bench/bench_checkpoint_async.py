@@ -35,8 +35,8 @@ def run_mode(engine, root: Path, async_save: bool) -> tuple[list[float], list[fl
 
     from gridtrain.parallel.layout import Layout
     from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord
-    from gridtrain.train.config import CheckpointConfig
-    from gridtrain.train.state import TrainState
+    from gridtrain.train.checkpoint.config import CheckpointConfig
+    from gridtrain.train.checkpoint.state import TrainState
 
     world = dist.get_world_size()
     layout = Layout(tp=1, pp=1, dp=world, zero_stage=2, micro_batch_size=4, global_batch_size=4 * world)

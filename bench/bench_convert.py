@@ -44,11 +44,11 @@ def save_checkpoint(root: Path, fields: dict, tokenizer_model: str) -> Path:
     """A one-rank ZeRO-0 checkpoint of a freshly initialised model, through the Checkpointer."""
     from gridtrain.model.config import ModelConfig
     from gridtrain.parallel import groups
-    from gridtrain.parallel.config import ParallelConfig
+    from gridtrain.parallel.config import OptimConfig, ParallelConfig
     from gridtrain.parallel.engine import build_engine
     from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord
-    from gridtrain.train.config import CheckpointConfig, OptimConfig
-    from gridtrain.train.state import TrainState
+    from gridtrain.train.checkpoint.config import CheckpointConfig
+    from gridtrain.train.checkpoint.state import TrainState
 
     model = ModelConfig(**fields)
     ctx = groups.initialize_single(ParallelConfig())
@@ -95,10 +95,10 @@ def export_child(mode: str, ckpt: str, out: str, result: str) -> None:
     """In a process of its own, so its memory is its own: the whole export ("export"), or the
     weight streaming alone after the source is open ("stream")."""
     from gridtrain.convert import hf_export
-    from gridtrain.convert.sources import open_weights
+    from gridtrain.convert.sources import layer_names, open_weights
 
     source = open_weights(ckpt)
-    layers = hf_export.layer_names(source).values()
+    layers = layer_names(source).values()
     largest = max(sum(4 * _numel(source.shape(n)) for n in names) for names in layers)
     sampler = MemorySampler()
     before = sampler.now()

@@ -32,8 +32,8 @@ LARGE_ROUNDS = 2
 
 
 def prepare(work: Path) -> tuple[Path, Path]:
-    from gridtrain.launcher.demo import build_corpus
     from gridtrain.data.tokenizer_train import train_tokenizer
+    from gridtrain.launcher.demo import build_corpus
 
     corpus = work / "stdlib.jsonl"
     build_corpus(corpus)

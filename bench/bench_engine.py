@@ -32,10 +32,10 @@ MEMORY_MODEL = dict(vocab_size=8000, hidden_size=256, num_layers=4, num_attentio
 
 def run_config(model_fields: dict, zero_stage: int, global_batch: int, micro: int, seq: int = SEQ, dtype: str = "fp32"):
     from gridtrain.data.config import DataConfig
-    from gridtrain.launcher.run_config import RunConfig
     from gridtrain.model.config import ModelConfig
-    from gridtrain.parallel.config import ParallelConfig
-    from gridtrain.train.config import OptimConfig, TrainConfig
+    from gridtrain.parallel.config import OptimConfig, ParallelConfig
+    from gridtrain.train.config import TrainConfig
+    from gridtrain.train.run_config import RunConfig
 
     return RunConfig(
         model=ModelConfig(family="llama", max_seq_len=seq, **model_fields),
@@ -62,7 +62,7 @@ class PlainLoop:
 
     def __init__(self, cfg):
         from gridtrain.model.decoder import Decoder
-        from gridtrain.parallel.ds_config import build_optimizer
+        from gridtrain.parallel.optim import build_optimizer
 
         self.cfg = cfg
         self.model = Decoder(cfg.model, 1, cfg.train.seed)

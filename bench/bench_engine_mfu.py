@@ -22,9 +22,10 @@ ATTENTION_MARK = "scaled_dot_product"
 
 def run_config():
     from gridtrain.data.config import DataConfig
-    from gridtrain.launcher.run_config import RunConfig
     from gridtrain.model.config import ModelConfig
-    from gridtrain.train.config import OptimConfig, TrainConfig
+    from gridtrain.parallel.config import OptimConfig
+    from gridtrain.train.config import TrainConfig
+    from gridtrain.train.run_config import RunConfig
 
     model = ModelConfig(family="llama", vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS,
                         num_attention_heads=HEADS, max_seq_len=SEQ)

@@ -181,7 +181,7 @@ def plain_loop_tokens_per_s(model: dict, data: dict, steps: int) -> float:
     from gridtrain.model.loss import lm_loss
     from gridtrain.parallel import groups
     from gridtrain.parallel.config import ParallelConfig
-    from gridtrain.parallel.ds_config import param_groups
+    from gridtrain.parallel.optim import param_groups
 
     groups.initialize_single(ParallelConfig())
     decoder = Decoder(ModelConfig(**model), tp_size=1, seed=1234).cuda()

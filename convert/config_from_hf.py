@@ -8,7 +8,7 @@ import yaml
 
 from gridtrain.convert.hf_config import model_config_from_hf
 from gridtrain.convert.output import check_target
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 
 
 def config_from_hf(folder: Path) -> dict:

@@ -1,18 +1,23 @@
 """What `gridtrain generate` runs: the source's weights in a one-rank Decoder (TP = PP = 1) and its
 SentencePiece tokenizer around gridtrain.model.generation."""
+import contextlib
 import sys
 
+import sentencepiece as spm
 import torch
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.convert.sources import open_weights
+from gridtrain.data.spm_model import special_ids
+from gridtrain.errors import UserError
+from gridtrain.model.decoder import Decoder
+from gridtrain.model.generation import Sampling, fuse_projections, generate
+from gridtrain.parallel.config import ParallelConfig
+from gridtrain.parallel.full_weights import assign_full_weights
+from gridtrain.parallel.groups import initialize_single
 
 
 class Generator:
     def __init__(self, decoder, tokenizer: str):
-        import sentencepiece as spm
-
-        from gridtrain.data.spm_model import special_ids
-
         self.decoder = decoder
         self.sp = spm.SentencePieceProcessor(model_file=tokenizer)
         self.ids = special_ids(self.sp)
@@ -21,8 +26,6 @@ class Generator:
                  top_p: float = 1.0, seed: int = 0, stream=None) -> list[str]:
         """The completion of each prompt (text after it, up to eos); with `stream`, the single
         prompt's text is written to it as the tokens come."""
-        from gridtrain.model.generation import Sampling, generate
-
         encoded = [self.sp.encode(prompt) or [self.ids["bos"]] for prompt in prompts]
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
         shown = [""]
@@ -51,12 +54,6 @@ class Generator:
 
 def load_decoder(source, device: str):
     """A one-rank Decoder holding `source`'s weights, in eval mode on `device` (auto: CUDA if any)."""
-    from gridtrain.model.decoder import Decoder
-    from gridtrain.model.generation import fuse_projections
-    from gridtrain.parallel.config import ParallelConfig
-    from gridtrain.parallel.full_weights import assign_full_weights
-    from gridtrain.parallel.groups import initialize_single
-
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
     backend = "gloo" if device == "cpu" else "auto"
@@ -70,11 +67,7 @@ def load_decoder(source, device: str):
 
 def load_generator(path: str, device: str, trust_pickle: bool = False) -> Generator:
     """The source at `path` ready to generate. Library notices go to stderr: stdout carries only
-    the generated text."""
-    import contextlib
-
-    from gridtrain.convert.sources import open_weights
-
+    the generated text (the command imports this module inside the same redirection)."""
     with contextlib.redirect_stdout(sys.stderr):
         source = open_weights(path, trust_pickle)
         if source.tokenizer is None:

@@ -10,12 +10,16 @@ time: the writer takes every tensor's shape first, then the data in the same ord
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
+import sentencepiece as spm
 import torch
+from tqdm import tqdm
 
-from gridtrain.convert.hf_export import layer_names
 from gridtrain.convert.output import publish_file, temporary_file
-from gridtrain.launcher.errors import UserError
+from gridtrain.convert.sources import layer_names
+from gridtrain.data.spm_model import special_ids
+from gridtrain.errors import UserError
 from gridtrain.model.naming import EMBEDDING, final_norm_index, head_index, split_name
 
 GGUF_DTYPES = ("f32", "f16", "bf16")
@@ -67,11 +71,6 @@ def _numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def _vocab(writer, tokenizer: str, vocab_size: int) -> None:
-    import gguf
-    import sentencepiece as spm
-
-    from gridtrain.data.spm_model import special_ids
-
     sp = spm.SentencePieceProcessor(model_file=tokenizer)
     pieces, scores, types = [], [], []
     for i in range(sp.GetPieceSize()):
@@ -99,8 +98,6 @@ def _vocab(writer, tokenizer: str, vocab_size: int) -> None:
 
 
 def _metadata(writer, model, dtype: str) -> None:
-    import gguf
-
     writer.add_name("gridtrain-llama")
     writer.add_context_length(model.max_seq_len)
     writer.add_embedding_length(model.hidden_size)
@@ -118,9 +115,6 @@ def _metadata(writer, model, dtype: str) -> None:
 
 def export_gguf(source, out: Path, dtype: str, force: bool) -> Path:
     """Write the GGUF file `out` for a llama `source`."""
-    import gguf
-    from tqdm import tqdm
-
     model = source.model
     if model.family != "llama":
         raise UserError(f"--to gguf: model.family={model.family!r} is not exported to GGUF (llama only); "

@@ -4,7 +4,7 @@ option gridtrain does not implement is refused with one line naming it."""
 import json
 from pathlib import Path
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 from gridtrain.model.config import ModelConfig
 
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation

@@ -8,11 +8,15 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+from transformers import GenerationConfig, GPT2Config, LlamaConfig
 
 from gridtrain.convert.hf_names import to_hf
+from gridtrain.convert.hf_tokenizer import write_tokenizer_files
 from gridtrain.convert.output import publish_folder, temporary_folder
 from gridtrain.convert.safetensors_stream import Planned, ShardWriter, plan_shards
-from gridtrain.launcher.errors import UserError
+from gridtrain.convert.sources import layer_names
+from gridtrain.errors import UserError
 from gridtrain.model.config import ModelConfig
 from gridtrain.model.naming import split_name
 from gridtrain.train.checkpoint.manifest import fsync_file
@@ -23,8 +27,6 @@ HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def hf_config(model: ModelConfig, dtype: str, ids: dict):
     """transformers' own config class for the model (so every field its version expects is set)."""
-    from transformers import GPT2Config, LlamaConfig
-
     tokens = {"bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos"), "pad_token_id": ids.get("pad")}
     if model.family == "llama":
         config = LlamaConfig(
@@ -42,14 +44,6 @@ def hf_config(model: ModelConfig, dtype: str, ids: dict):
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, dtype=HF_DTYPE_NAMES[dtype], **tokens)
         config.architectures = ["GPT2LMHeadModel"]
     return config
-
-
-def layer_names(source) -> dict[int, list[str]]:
-    """The source's gridtrain names grouped by layer index."""
-    grouped: dict[int, list[str]] = {}
-    for name in source.names():
-        grouped.setdefault(split_name(name, source.model.num_layers)[0], []).append(name)
-    return grouped
 
 
 def hf_layer(source, layer: int, names: list[str], get) -> list[tuple[str, torch.Tensor]]:
@@ -70,8 +64,6 @@ def plan(source, dtype: torch.dtype) -> list[Planned]:
 def write_weights(source, folder: Path, dtype: str, max_shard_bytes: int) -> list[str]:
     """Stream the source's weights into safetensors shards (plus the index when there are
     several); returns the file names. A progress bar per file on stderr."""
-    from tqdm import tqdm
-
     shards = plan_shards(plan(source, DTYPES[dtype]), max_shard_bytes)
     pending = iter(shards)
     writer, bar = None, None
@@ -95,10 +87,6 @@ def write_weights(source, folder: Path, dtype: str, max_shard_bytes: int) -> lis
 
 def export_hf(source, out: Path, dtype: str, max_shard_bytes: int, force: bool, tokenizer: str | None) -> Path:
     """Write the HF folder `out` for `source`; refuses a non-empty `out` unless `force`."""
-    from transformers import GenerationConfig
-
-    from gridtrain.convert.hf_tokenizer import write_tokenizer_files
-
     if dtype not in DTYPES:
         raise UserError(f"--dtype={dtype}: use one of {', '.join(DTYPES)}")
     if tokenizer is None:

@@ -5,10 +5,11 @@ memory-maps the tensors."""
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from gridtrain.convert.hf_config import model_config_from_hf
 from gridtrain.convert.hf_names import from_hf, hf_names
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 from gridtrain.model.naming import layer_count, parameter_name, split_name
 
 
@@ -47,8 +48,6 @@ class HFWeights:
 def _open_tensors(folder: Path, trust_pickle: bool) -> dict:
     """HF name -> a function returning that tensor: safetensors memory-mapped, or pickles loaded
     (weights only) when the user allowed it."""
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if files:
         getters = {}

@@ -15,6 +15,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tokenizers import normalizers
+from transformers import AutoTokenizer
+
 from gridtrain.data.spm_model import load_processor, special_ids
 
 
@@ -27,9 +30,6 @@ def special_tokens(model_path: str) -> dict:
 def write_tokenizer_files(model_path: str, out: Path, max_length: int) -> dict:
     """Write tokenizer.model, tokenizer.json and tokenizer_config.json into `out`; returns the
     special token ids (bos, eos, pad, unk, eod) for the model and generation configs."""
-    from tokenizers import normalizers
-    from transformers import AutoTokenizer
-
     specials = special_tokens(model_path)
     shutil.copyfile(model_path, out / "tokenizer.model")
     tokens = {f"{name}_token": piece for name, (_, piece) in specials.items() if name in ("bos", "eos", "unk", "pad")}

@@ -6,7 +6,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 from gridtrain.train.checkpoint.manifest import fsync_dir
 
 

@@ -5,6 +5,7 @@ tensor's dtype, shape and byte range, then the bytes in that order. Every shape 
 tensor is read, so the header is written first and each tensor streams in after it. The files are
 read back with safetensors' own reader in the tests and by transformers."""
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -86,8 +87,6 @@ class ShardWriter:
         return self.next == len(self.shard.tensors)
 
     def close(self) -> None:
-        import os
-
         self.fh.flush()
         os.fsync(self.fh.fileno())
         self.fh.close()

@@ -4,9 +4,12 @@ them: the newest valid one) or a Hugging Face folder. Both answer the same quest
 names) and `tokenizer` (a SentencePiece .model path, or None)."""
 from pathlib import Path
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.convert.hf_import import HFWeights
+from gridtrain.errors import UserError
+from gridtrain.model.naming import split_name
 from gridtrain.train.checkpoint.manifest import MANIFEST_NAME, verify_checkpoint
 from gridtrain.train.checkpoint.store import CheckpointError, find_resumable, list_checkpoints
+from gridtrain.train.checkpoint.weights import CheckpointWeights
 
 
 def resolve_checkpoint(path: Path, verify=verify_checkpoint) -> Path:
@@ -31,52 +34,18 @@ def open_weights(path: str | Path, trust_pickle: bool = False, verify=verify_che
     `verify` first (the trainer's ranks share the reading)."""
     path = Path(path)
     if (path / "config.json").exists():
-        from gridtrain.convert.hf_import import HFWeights
-
         source = HFWeights(path, trust_pickle)
         model = path / "tokenizer.model"
     else:
-        from gridtrain.train.checkpoint.weights import CheckpointWeights
-
         source = CheckpointWeights(resolve_checkpoint(path, verify))
         model = source.path / "tokenizer.model"
     source.tokenizer = str(model) if model.exists() else None
     return source
 
 
-def source_model_config(path: str | Path):
-    """Only the ModelConfig of the source at `path`, cheaply (no tensors, no checksums)."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        from gridtrain.convert.hf_config import model_config_from_hf
-
-        return model_config_from_hf(path)
-    from gridtrain.train.checkpoint.manifest import saved_model
-
-    if not (path / MANIFEST_NAME).exists() and path.is_dir() and list_checkpoints(path):
-        path = list_checkpoints(path)[-1][1]
-    if not (path / MANIFEST_NAME).exists():
-        raise UserError(f"{path}: neither a gridtrain checkpoint nor a Hugging Face model folder (config.json)")
-    return saved_model(path)
-
-
-def init_from_problems(model, path: str) -> list[tuple[str, object, str]]:
-    """Why the run's model section cannot take the weights at `path` (train.init_from): each
-    difference that changes a weight's shape or the function it computes, named with both values.
-    A model vocab larger than the source's is fine (the extra rows keep their initialisation)."""
-    try:
-        theirs = source_model_config(path)
-    except UserError as exc:
-        return [("train.init_from", path, str(exc))]
-    fields = ["family", "hidden_size", "num_layers", "num_attention_heads", "kv_heads", "ffn_size", "tied", "norm_eps"]
-    fields += ["rope_theta"] if model.family == "llama" else ["max_seq_len"]
-    problems = []
-    for field in fields:
-        mine, source = getattr(model, field), getattr(theirs, field)
-        if mine != source:
-            problems.append((f"model.{field}", mine, f"train.init_from={path} has {field} {source}; "
-                             "set the model section to match it (`gridtrain convert PATH --to gridtrain` writes it)"))
-    if theirs.vocab_size > model.vocab_size:
-        problems.append(("model.vocab_size", model.vocab_size, f"train.init_from={path} has {theirs.vocab_size} "
-                         "vocab rows; use at least as many"))
-    return problems
+def layer_names(source) -> dict[int, list[str]]:
+    """The source's gridtrain names grouped by layer index (what exporters stream one at a time)."""
+    grouped: dict[int, list[str]] = {}
+    for name in source.names():
+        grouped.setdefault(split_name(name, source.model.num_layers)[0], []).append(name)
+    return grouped

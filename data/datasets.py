@@ -10,8 +10,13 @@ import json
 import os
 from typing import Optional
 
+import torch.distributed as dist
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
 from gridtrain.data.config import DataConfig, blend_problems, missing_shard_problems
-from gridtrain.launcher.errors import ConfigError
+from gridtrain.errors import ConfigError
 
 MANIFEST = "gridtrain-cache-manifest.json"
 
@@ -41,8 +46,6 @@ def run_samples(steps: int, global_batch_size: int, eval_steps: int) -> tuple[in
 
 
 def gpt_dataset_config(cfg: DataConfig, cache_dir: str, tokenizer):
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
     return GPTDatasetConfig(
         random_seed=cfg.seed,
         sequence_length=cfg.seq_length,
@@ -63,10 +66,6 @@ def build_datasets(cfg: DataConfig, num_samples: tuple[int, int, int], cache_dir
     """(train, valid, test) datasets with at least num_samples samples each (None for a split with
     a 0% share). Collective when torch.distributed is initialized: call it on every rank; rank 0
     builds missing index caches in cache_dir, the others wait at a barrier and load them."""
-    import torch.distributed as dist
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
     config = gpt_dataset_config(cfg, cache_dir, tokenizer)
     check_split_sizes(config, num_samples)
     with single_rank_group_if_needed():
@@ -84,8 +83,6 @@ def build_datasets(cfg: DataConfig, num_samples: tuple[int, int, int], cache_dir
 def check_split_sizes(config, num_samples) -> None:
     """Every split asked for samples must receive at least one document of every prefix
     (megatron-core loops forever on an empty one): the split is taken over document counts."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     problems = []
     for prefix in config.blend[0]:
         documents = IndexedDataset(prefix).sequence_lengths.shape[0]
@@ -106,8 +103,6 @@ def check_split_sizes(config, num_samples) -> None:
 def single_rank_group_if_needed():
     """megatron-core's BlendedDataset asks torch.distributed for the rank unconditionally, so an
     offline build (`gridtrain data index`, tests) runs inside a throw-away 1-rank gloo group."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         yield
         return

@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from gridtrain.data.config import DataConfig
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 
 
 class PretrainingBatchSampler:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, TextIO
 
 from gridtrain.data import encode, readers
-from gridtrain.data.spm_model import load_processor, special_ids
 from gridtrain.data.shards import ShardWriter, import_builder, shard_prefix, token_dtype
-from gridtrain.launcher.errors import UserError
+from gridtrain.data.spm_model import load_processor, special_ids
+from gridtrain.errors import UserError
 
 IN_FLIGHT_PER_WORKER = 4
 # Input queued for the workers before the writer's slow import runs in this process (~4 s of

@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 
 CHUNK_BYTES = 1 << 20
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".txt", ".txt.gz")

@@ -4,7 +4,7 @@ import os
 
 import sentencepiece as spm
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 
 # The control piece `gridtrain tokenizer train` reserves for the end of a document. A control
 # piece is never produced by encoding text, so a document containing the literal string cannot

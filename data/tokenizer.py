@@ -10,7 +10,7 @@ import numpy as np
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
 from gridtrain.data.spm_model import EOD_PIECE, load_processor, special_ids
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 
 
 class SentencePieceTokenizer(MegatronLegacyTokenizer):

@@ -9,10 +9,12 @@ import shutil
 import tempfile
 from typing import Iterator
 
+import sentencepiece as spm
+
 from gridtrain.data import readers
 from gridtrain.data.encode import parse_jsonl, parse_text
 from gridtrain.data.spm_model import EOD_PIECE, load_processor, special_ids
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 
 # SentencePiece skips training sentences longer than this many bytes; we feed lines.
 MAX_SENTENCE_BYTES = 4192
@@ -44,8 +46,6 @@ def train_tokenizer(inputs: list[str], vocab_size: int, out_dir: str, model_type
                     sample_bytes: int = 20_000_000, json_key: str = "text", txt_mode: str = "file",
                     threads: int = 2) -> dict:
     """Train into a temporary folder, then move tokenizer.model/.vocab/.json into out_dir."""
-    import sentencepiece as spm
-
     if model_type not in ("bpe", "unigram"):
         raise UserError(f"--model-type={model_type!r}: use bpe or unigram")
     if vocab_size < 300:
@@ -83,4 +83,3 @@ def describe(model_path: str, model_type: str, files: list[str], sample_bytes: i
         "special_ids": special_ids(processor), "eod_piece": EOD_PIECE, "byte_fallback": True,
         "input_files": len(files), "sample_bytes": sample_bytes,
     }
-

@@ -1,21 +1,20 @@
-"""The `gridtrain` command. Each package registers its own subcommands; this module only wires
-them and turns user errors into one line and exit status 2. Nothing heavy is imported here, so
-`--help` and `--dry-run` answer in about a second."""
+"""The `gridtrain` command. The launcher's *_commands modules each register a group of subcommands;
+this module only wires them and turns user errors into one line and exit status 2. Nothing heavy is
+imported here, so `--help` and `--dry-run` answer in about a second."""
 import argparse
-import importlib
 import sys
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
+from gridtrain.launcher import checkpoint_commands, convert_commands, data_commands, demo, run_commands, slurm_commands
 
 # Modules exposing `register(subparsers)`; each imports torch/deepspeed only inside its handlers.
 COMMAND_MODULES = (
-    "gridtrain.launcher.commands",  # train, launch, env
-    "gridtrain.launcher.submit",  # submit
-    "gridtrain.launcher.slurm_job",  # slurm-job (hidden: the batch script's steps)
-    "gridtrain.data.commands",  # tokenizer, preprocess, data
-    "gridtrain.train.checkpoint.commands",  # checkpoint
-    "gridtrain.convert.commands",  # convert, generate
-    "gridtrain.launcher.demo",  # demo
+    run_commands,  # train, launch, env
+    slurm_commands,  # submit, slurm-job (hidden: the batch script's steps)
+    data_commands,  # tokenizer, preprocess, data
+    checkpoint_commands,  # checkpoint
+    convert_commands,  # convert, generate
+    demo,  # demo
 )
 
 
@@ -25,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distributed training of GPT-2 / Llama decoders (TP x PP x DP, ZeRO).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 

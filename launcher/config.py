@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from gridtrain.launcher.errors import ConfigError
-from gridtrain.launcher.run_config import RunConfig
+from gridtrain.errors import ConfigError
+from gridtrain.train.run_config import RunConfig
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 Problem = tuple[str, object, str]

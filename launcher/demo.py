@@ -2,16 +2,25 @@
 running interpreter's standard-library source (site-packages excluded, one .py file per
 document); then a tokenizer, shards, and the tiny-llama preset trained through `gridtrain train`
 on several local ranks with TP, PP and DP together. Each preparation step is skipped when its
-output already exists, so a rerun goes straight to training."""
+output already exists, so a rerun goes straight to training.
+
+Lazy import: torch (about 1.5 s) only where the demo asks how many GPUs there are, since the CLI
+imports this module at start-up."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
 import time
+import warnings
 from pathlib import Path
 
-from gridtrain.launcher.errors import UserError
+import yaml
+
+from gridtrain.data.preprocess import PreprocessOptions, preprocess
+from gridtrain.data.tokenizer_train import train_tokenizer
+from gridtrain.errors import UserError
 
 PRESET = "tiny-llama.yaml"
 # On CPU: 8 ranks, TP=2 x PP=2 x DP=2, the smallest layout using all three. Measured on 2 cores:
@@ -103,8 +112,6 @@ def write_run_config(work: Path, layout, steps: int, vocab_size: int) -> Path:
         "checkpoint": {"interval_steps": max(1, steps // 2)},
         "logging": {"log_interval": max(1, steps // 20)},
     }
-    import yaml
-
     path = work / "demo-run.yaml"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(overrides, sort_keys=False))
@@ -114,9 +121,6 @@ def write_run_config(work: Path, layout, steps: int, vocab_size: int) -> Path:
 
 def prepare_data(work: Path, vocab_size: int, log) -> None:
     """Corpus, tokenizer and shards, each only if missing (a new tokenizer invalidates the shards)."""
-    from gridtrain.data.preprocess import PreprocessOptions, preprocess
-    from gridtrain.data.tokenizer_train import train_tokenizer
-
     corpus = work / "corpus" / "stdlib.jsonl"
     if not corpus.exists():
         info = build_corpus(corpus)
@@ -145,9 +149,6 @@ def losses(metrics: Path, since: float, kind: str) -> list[tuple[int, float]]:
 
 
 def demo_command(args) -> int:
-    import shutil
-    import warnings
-
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
     work = Path(args.dir).resolve()
     layout = parse_layout(args.layout) if args.layout else default_layout()

@@ -3,10 +3,10 @@
 import yaml
 
 from gridtrain.launcher.config import to_yaml
-from gridtrain.launcher.run_config import RunConfig
 from gridtrain.model.flops import count_parameters, training_flops_per_token
 from gridtrain.parallel.layout import Layout
 from gridtrain.parallel.memory_estimate import stage_parameters_per_rank, zero_memory_per_rank
+from gridtrain.train.run_config import RunConfig
 
 
 def derived_numbers(cfg: RunConfig, layout: Layout) -> dict:

@@ -1,9 +1,15 @@
 """`gridtrain env`: what this machine gives a run: library versions, backend, devices, which
 optional fast paths (NVIDIA apex fused norms) are available, and the Slurm / MPI environment a rank
-started here would discover."""
+started here would discover.
+
+Lazy imports: torch (about 1.5 s) only in the functions that report devices and kernels, and apex
+(optional, NVIDIA's build only) only to probe for it: the CLI imports this module at start-up."""
 import os
 import platform
 from importlib import metadata
+
+from gridtrain.errors import UserError
+from gridtrain.launcher.rank_env import resolve
 
 LIBRARIES = ("torch", "deepspeed", "megatron-core", "sentencepiece", "mpi4py", "numpy")
 
@@ -55,9 +61,6 @@ def device_lines() -> list[tuple[str, str]]:
 def launch_lines(env) -> list[tuple[str, str]]:
     """The Slurm job this runs in (if any) and what rank discovery makes of `env`: where the rank
     came from, the world, and the master address and port."""
-    from gridtrain.launcher.errors import UserError
-    from gridtrain.launcher.rank_env import resolve
-
     rows = []
     if env.get("SLURM_JOB_ID"):
         restarts = env.get("SLURM_RESTART_COUNT", "0")

@@ -1,9 +1,11 @@
 """Checks of the files a run reads, done by `gridtrain train` before any rank starts (so a wrong
 path costs a second, not a spawn of N ranks and their imports). Not part of --dry-run, which
 describes a config for a cluster whose data need not exist here."""
+from gridtrain.convert.source_config import init_from_problems
 from gridtrain.data.config import missing_shard_problems
-from gridtrain.launcher.errors import ConfigError, UserError
-from gridtrain.launcher.run_config import RunConfig
+from gridtrain.data.spm_model import load_processor
+from gridtrain.errors import ConfigError, UserError
+from gridtrain.train.run_config import RunConfig
 
 
 def check_inputs(cfg: RunConfig) -> None:
@@ -13,8 +15,6 @@ def check_inputs(cfg: RunConfig) -> None:
     problems = []
     tokenizer = cfg.data.tokenizer
     if tokenizer:
-        from gridtrain.data.spm_model import load_processor  # sentencepiece only, no megatron-core
-
         try:
             pieces = load_processor(tokenizer).GetPieceSize()
         except UserError as exc:
@@ -25,8 +25,6 @@ def check_inputs(cfg: RunConfig) -> None:
                                  f"pieces; set model.vocab_size to at least {pieces}"))
     problems += missing_shard_problems(cfg.data.blend)
     if cfg.train.init_from:
-        from gridtrain.convert.sources import init_from_problems  # reads config files only, no torch
-
         problems += init_from_problems(cfg.model, cfg.train.init_from)
     if problems:
         raise ConfigError(problems)

@@ -1,13 +1,20 @@
 """Spawn the ranks of one node with torch's elastic agent (the engine behind torchrun); each rank
 runs `gridtrain launch` on the resolved config. A failed rank makes the agent stop the others and
-raise ChildFailedError, which we turn into one line naming the rank."""
+raise ChildFailedError, which we turn into one line naming the rank.
+
+Lazy import: torch's elastic agent (torch, about 1.5 s) is imported by `spawn` only, because the CLI
+imports this module for the rank environment and the error types before it knows it will start ranks."""
+import builtins
 import os
+import re
 import signal
+import warnings
 from dataclasses import dataclass
 
-from gridtrain.launcher.errors import UserError
-from gridtrain.train.preemption import PREEMPTED_EXIT_CODE
+import psutil
 
+from gridtrain.errors import UserError
+from gridtrain.train.preemption import PREEMPTED_EXIT_CODE
 
 # The agent turns these into "stop every rank now" (it forwards them, then SIGKILLs after its
 # shutdown timeout). SIGTERM and SIGUSR1 are preemption warnings instead (Slurm sends them before
@@ -59,10 +66,6 @@ def set_rank_environment(device: str) -> None:
 def apply_warning_filters(spec: str) -> None:
     """PYTHONWARNINGS entries `action:message:category` (message a literal prefix, category a
     builtin warning class, as Python reads them at start-up) as warnings filters of this process."""
-    import builtins
-    import re
-    import warnings
-
     for entry in filter(None, spec.split(",")):
         action, message, category = (entry.split(":") + ["", ""])[:3]
         category_class = getattr(builtins, category, None) if category else Warning
@@ -112,8 +115,6 @@ def spawn(node: NodeSpec, config_path: str, device: str, launch_flags=()) -> Non
 def _forward_to_ranks(signum, frame) -> None:
     """Pass a preemption signal to this node's ranks (the agent starts each in its own session, so
     a signal to the launcher alone never reaches them)."""
-    import psutil
-
     for child in psutil.Process().children():
         try:
             child.send_signal(signum)

@@ -1,10 +1,12 @@
 """validate(cfg, world_size, device): every cross-field rule of a run config, checked before any
 process group exists. All problems are collected into one ConfigError, each naming the field, its
 value and the fix, in megatron's style ("must be a multiple of parallel.tensor_parallel (5)")."""
+import importlib.util
+
 from gridtrain.data.config import blend_problems
-from gridtrain.launcher.errors import ConfigError
-from gridtrain.launcher.run_config import RunConfig
+from gridtrain.errors import ConfigError
 from gridtrain.parallel.layout import Layout, batch_problems, build_layout, world_problems, zero_problems
+from gridtrain.train.run_config import RunConfig
 
 Problem = tuple[str, object, str]
 
@@ -190,8 +192,6 @@ def _optim_and_train(cfg: RunConfig, bad: set) -> list[Problem]:
 
 
 def _logging(cfg: RunConfig) -> list[Problem]:
-    import importlib.util
-
     log = cfg.logging
     if log.wandb_project is None:
         return []

@@ -5,6 +5,9 @@ from typing import Callable, Optional
 
 import torch
 
+from gridtrain.model.block import Block
+from gridtrain.model.rotary import rotary_cos_sin
+
 
 class KVCache:
     """Keys and values of every block for a batch, preallocated for `capacity` positions.
@@ -40,8 +43,6 @@ class KVCache:
     def rotary(self, position_ids: torch.Tensor, head_dim: int, theta: float):
         """rotary_cos_sin of this step's positions, computed by the first layer that asks."""
         if self._rotary is None:
-            from gridtrain.model.rotary import rotary_cos_sin
-
             self._rotary = rotary_cos_sin(position_ids, head_dim, theta)
         return self._rotary
 
@@ -61,8 +62,6 @@ def fuse_projections(decoder) -> None:
     """For inference at TP = 1: each block's q, k, v weights (and llama's gate and up) become views
     of one concatenated weight, which attention (and the MLP) then multiply in one matmul instead of
     three (two). Same values, no extra memory; the decoder is not trained afterwards."""
-    from gridtrain.model.block import Block
-
     def fuse(layers):
         weight = torch.cat([layer.weight.detach() for layer in layers])
         bias = torch.cat([layer.bias.detach() for layer in layers]) if layers[0].bias is not None else None

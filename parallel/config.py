@@ -1,4 +1,6 @@
-"""ParallelConfig: the TP x PP x DP layout and the ZeRO stage."""
+"""ParallelConfig (the TP x PP x DP layout and the ZeRO stage) and OptimConfig (the optimizer and
+its schedule, built by gridtrain.parallel.optim): the sections the parallel layer owns. No torch,
+so composing and validating a config stays fast."""
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -21,3 +23,18 @@ class ParallelConfig:
     init_device: Literal["cpu", "cuda"] = "cpu"
     # Bound on every collective: a dead peer turns into an error instead of a hang.
     timeout_minutes: float = 10.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # None: decay over train.steps.
+    decay_steps: Optional[int] = None

@@ -3,13 +3,19 @@ read and tested against DeepSpeed 0.19.8, the only version gridtrain accepts (py
 and `check_deepspeed_version` refuses another at start-up): private attributes and undocumented
 behaviour change between releases without notice.
 
-DeepSpeed is imported inside the functions, so importing this module (the version check does)
-costs nothing."""
+Lazy imports: DeepSpeed and torch are imported inside the functions (about 3.5 s together, measured),
+because the CLI imports this module for the version check before any rank starts."""
+import contextlib
 import functools
+import io
+import re
+import tempfile
+from argparse import Namespace
 from contextlib import contextmanager
 from importlib import metadata
+from pathlib import Path
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 
 SUPPORTED_DEEPSPEED = "0.19.8"
 
@@ -34,6 +40,18 @@ def check_deepspeed_version() -> None:
         raise UserError(problem)
 
 
+# ---- process groups ----------------------------------------------------------------------------
+
+def pipeline_topology(pp: int, tp: int, dp: int):
+    """DeepSpeed 0.19.8's PipeModelDataParallelTopology (deepspeed.runtime.pipe.topology): axes
+    pipe, data, model with model fastest, the order megatron-core's "tp-cp-ep-dp-pp" groups use too
+    (gridtrain.parallel.groups checks the agreement at start-up). Its `get_coord(rank)` gives
+    .pipe/.data/.model and `get_axis_comm_lists(axis)` the rank lists of each group."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    return PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+
+
 # ---- checkpoint writing ------------------------------------------------------------------------
 
 def is_torch_checkpoint_engine(checkpoint_engine) -> bool:
@@ -52,9 +70,17 @@ def is_torch_checkpoint_engine(checkpoint_engine) -> bool:
     return type(checkpoint_engine) is TorchCheckpointEngine
 
 
+def torch_save_options(checkpoint_engine) -> dict:
+    """The torch.save keyword arguments DeepSpeed 0.19.8's TorchCheckpointEngine writes with (its
+    `zipfile_serialization` attribute), for a writer standing in for it."""
+    return {"_use_new_zipfile_serialization": checkpoint_engine.zipfile_serialization}
+
+
 @contextmanager
 def writes_through(ds_engine, writer, on_copy_error):
-    """For the duration of one save_checkpoint, route DeepSpeed's file writes through `writer`.
+    """For the duration of one save_checkpoint, route DeepSpeed's file writes through `writer`,
+    which offers what 0.19.8's save path calls on `engine.checkpoint_engine`: `save(state_dict,
+    path)` and `makedirs(path, exist_ok)` (anything else it may delegate to the engine it wraps).
     DeepSpeed 0.19.8 writes every model/optimizer file through `engine.checkpoint_engine.save`,
     except rank 0's copy of zero_to_fp32.py (`engine._copy_recovery_script`, plain file I/O),
     whose OSError is handed to `on_copy_error` instead of leaving the other ranks' collectives
@@ -79,14 +105,37 @@ def writes_through(ds_engine, writer, on_copy_error):
 
 # ---- universal checkpoints (resuming under another layout) -------------------------------------
 
+# DeepSpeed's client-state key and layout of universal_checkpoint_info (0.19.8,
+# deepspeed/checkpoint/constants.py and ds_to_universal.py): parameter-name regex lists per kind
+# of TP split, and the vocabulary size without padding.
+UNIVERSAL_KEY = "universal_checkpoint_info"
+_PATTERN_KEYS = {"replicated": "tp_replicated_parameter_patterns", "row": "parameter_with_row_parallelism_patterns",
+                 "vocab": "vocabulary_parameter_patterns"}
+
+
+def universal_checkpoint_info(kinds: dict[str, str], vocab_size: int) -> dict:
+    """universal_checkpoint_info for parameters named in `kinds` ("replicated", "row", "vocab" or
+    "column", the default split along dim 0 that needs no pattern), each as an exact-name regex."""
+    info = {"universal_checkpoint_version": 0.2, "original_vocab_size": vocab_size}
+    for kind, key in _PATTERN_KEYS.items():
+        info[key] = [f"^{re.escape(name)}$" for name, k in sorted(kinds.items()) if k == kind]
+    return info
+
+
+def universal_split_kinds(info: dict) -> tuple[dict[str, str], int]:
+    """(name -> kind, unpadded vocab size) of an info universal_checkpoint_info wrote."""
+    kinds = {}
+    for kind, key in _PATTERN_KEYS.items():
+        for pattern in info.get(key, []):
+            kinds[re.sub(r"^\^|\$$", "", pattern).replace("\\", "")] = kind
+    return kinds, info["original_vocab_size"]
+
+
 def ds_to_universal(source_ds, output, scratch) -> None:
     """deepspeed.checkpoint.ds_to_universal of the DeepSpeed folder `source_ds` into `output`.
     0.19.8's converter copies every `module` state-dict entry and fails on the None values that
     megatron-core layers store as `_extra_state`: it reads model-states files re-saved without
     them (in `scratch`) and every other file through a symlink."""
-    from argparse import Namespace
-    from pathlib import Path
-
     import torch
     from deepspeed.checkpoint.ds_to_universal import main as convert
 
@@ -197,18 +246,23 @@ def forget_comm_backend() -> None:
 # for a pipeline) and the client state; "zero_pp_rank_D_mp_rank_XX_optim_states.pt" per DP rank for
 # ZeRO >= 1; for a pipeline, "layer_NN-model_TT-model_states.pt" per layer NN and TP rank TT.
 
-def model_states_file(ds_dir, mp_rank: int, zero_stage: int):
-    from pathlib import Path
+def checkpoint_file_kind(relpath: str) -> str:
+    """"optimizer", "model" or "other" for a file of a checkpoint, by DeepSpeed's file names."""
+    name = relpath.rsplit("/", 1)[-1]
+    if name.endswith("optim_states.pt"):
+        return "optimizer"
+    if name.endswith("model_states.pt"):
+        return "model"
+    return "other"
 
+
+def model_states_file(ds_dir, mp_rank: int, zero_stage: int):
     prefix = "zero_pp_rank_0_" if zero_stage == 3 else ""
     return Path(ds_dir) / f"{prefix}mp_rank_{mp_rank:02d}_model_states.pt"
 
 
 def pipeline_layer_files(ds_dir) -> dict[tuple[int, int], object]:
     """(layer index, TP rank) -> the file a pipeline stage wrote that layer's state dict to."""
-    import re
-    from pathlib import Path
-
     found = {}
     for path in Path(ds_dir).glob("layer_*-model_states.pt"):
         match = re.fullmatch(r"layer_(\d+)-model_(\d+)-model_states\.pt", path.name)
@@ -224,11 +278,6 @@ def zero_fp32_weights(ds_dir, mp_rank: int) -> dict:
     *_optim_states.pt of a folder as one rank's partitions, so each model-parallel rank's files
     are linked into a scratch folder of their own; it reports progress on stdout/stderr, which is
     silenced."""
-    import contextlib
-    import io
-    import tempfile
-    from pathlib import Path
-
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     mark = f"mp_rank_{mp_rank:02d}_"

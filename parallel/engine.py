@@ -10,12 +10,19 @@ import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
 from gridtrain.model.config import ModelConfig
-from gridtrain.parallel.ds_config import build_ds_config, build_optimizer, deepspeed_clips
-from gridtrain.train.config import OptimConfig
+from gridtrain.model.decoder import Decoder
+from gridtrain.model.loss import lm_loss
+from gridtrain.parallel.config import OptimConfig
+from gridtrain.parallel.ds_config import build_ds_config, deepspeed_clips
+from gridtrain.parallel.full_weights import assign_full_weights
+from gridtrain.parallel.grad_clip import install_clipping
+from gridtrain.parallel.optim import build_optimizer
+from gridtrain.parallel.pipeline import build_pipeline_module, pipeline_batch
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,6 @@ class TrainEngine:
         return StepResult(loss=loss, grad_norm=self._grad_norm())
 
     def _train_local(self, batches: list[dict]) -> float:
-        from gridtrain.model.loss import lm_loss
-
         self.ds_engine.train()
         total = torch.zeros((), device=self.ctx.device)
         for batch in batches:
@@ -88,8 +93,6 @@ class TrainEngine:
         return self._eval_local(batches)
 
     def _eval_local(self, batches: list[dict]) -> float:
-        from gridtrain.model.loss import lm_loss
-
         self.ds_engine.eval()
         total = torch.zeros((), device=self.ctx.device)
         with torch.no_grad():
@@ -101,8 +104,6 @@ class TrainEngine:
         return self._dp_mean(total / len(batches))
 
     def _pipe_batch(self, batch: dict) -> tuple:
-        from gridtrain.parallel.pipeline import pipeline_batch
-
         return pipeline_batch(batch, self.ctx.device)
 
     def _dp_mean(self, value: torch.Tensor) -> float:
@@ -115,11 +116,7 @@ class TrainEngine:
 
 def build_model(ctx, model: ModelConfig, seed: int, segment_mask: bool) -> torch.nn.Module:
     if ctx.pp > 1:
-        from gridtrain.parallel.pipeline import build_pipeline_module
-
         return build_pipeline_module(ctx, model, seed, segment_mask)
-    from gridtrain.model.decoder import Decoder
-
     return Decoder(model, ctx.tp, seed, segment_mask=segment_mask)
 
 
@@ -129,15 +126,9 @@ def build_engine(ctx, model: ModelConfig, optim: OptimConfig, dtype: str = "fp32
     `initial_weights`, a gridtrain.convert.sources weight source; segment_mask: attention stays
     within documents) in DeepSpeed for ctx.layout: ZeRO stage, `dtype`, clipping, AdamW per
     `optim`. Collective: every rank of the world calls it with the same arguments."""
-    import deepspeed
-
-    from gridtrain.parallel.grad_clip import install_clipping
-
     ds_config = build_ds_config(ctx.layout, optim, dtype)
     module = build_model(ctx, model, seed, segment_mask)
     if initial_weights is not None:  # before deepspeed.initialize, which partitions ZeRO-3 weights
-        from gridtrain.parallel.full_weights import assign_full_weights
-
         assign_full_weights(module, initial_weights, model.num_layers, ctx.tp, ctx.tp_rank)
     optimizer = build_optimizer(module, optim)
     if not deepspeed_clips(ctx.layout.zero_stage, dtype):

@@ -9,7 +9,7 @@ initialisation, zero padding). Run before deepspeed.initialize, which partitions
 """
 import torch
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 from gridtrain.model.naming import is_vocab_parameter
 
 

@@ -6,14 +6,18 @@ fastest, then DP, then PP (megatron "tp-cp-ep-dp-pp", DeepSpeed axes pipe/data/m
 initialize() checks at start-up that this rank's TP, DP and PP groups are identical in both.
 """
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 from gridtrain.parallel.config import ParallelConfig
+from gridtrain.parallel.deepspeed_compat import check_deepspeed_version, forget_comm_backend, pipeline_topology
 from gridtrain.parallel.layout import Layout
 
 REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -28,8 +32,6 @@ class MegatronMPU:
     """
 
     def __init__(self):
-        from megatron.core import parallel_state
-
         self._ps = parallel_state
 
     def get_model_parallel_group(self):
@@ -89,7 +91,7 @@ class ParallelContext:
     device: torch.device
     backend: str
     mpu: MegatronMPU
-    topology: object
+    topology: object  # deepspeed_compat.pipeline_topology
 
     @property
     def world_size(self) -> int:
@@ -139,12 +141,7 @@ def initialize(parallel: ParallelConfig, layout: Layout) -> ParallelContext:
     """Create the world group (if needed), megatron-core's TP/PP/DP groups and DeepSpeed's topology
     for `layout` (backend and timeout from `parallel`); raise if the two disagree. Call destroy()
     before initializing another layout."""
-    from gridtrain.parallel.deepspeed_compat import check_deepspeed_version
-
     check_deepspeed_version()
-    import deepspeed
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-    from megatron.core import parallel_state
 
     device, backend = select_backend(parallel)
     timeout = timedelta(minutes=parallel.timeout_minutes)
@@ -162,7 +159,7 @@ def initialize(parallel: ParallelConfig, layout: Layout) -> ParallelContext:
         # megatron's extra gloo groups only serve its distributed optimizer, which gridtrain does not use
         create_gloo_process_groups=False,
     )
-    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    topology = pipeline_topology(pp, tp, dp)
     check_topology_agreement(topology, rank)
     coord = topology.get_coord(rank)
     return ParallelContext(
@@ -173,8 +170,6 @@ def initialize(parallel: ParallelConfig, layout: Layout) -> ParallelContext:
 
 def single_process_env() -> None:
     """The variables torchrun would give the only rank of a one-process world, where not set."""
-    import socket
-
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -193,8 +188,6 @@ def initialize_single(parallel: ParallelConfig) -> ParallelContext:
 def check_topology_agreement(topology, rank: int) -> None:
     """Raise if megatron-core's groups for `rank` differ from DeepSpeed's topology: the pipeline
     engine would then exchange activations and gradients with ranks the TP layers do not expect."""
-    from megatron.core import parallel_state
-
     megatron = {
         "model": parallel_state.get_tensor_model_parallel_group(),
         "data": parallel_state.get_data_parallel_group(),
@@ -214,12 +207,8 @@ def check_topology_agreement(topology, rank: int) -> None:
 def destroy(world: bool = True) -> None:
     """Tear down megatron-core's groups and, if `world`, the world group (clean shutdown). With
     world=False another layout of the same world can be initialized next (used by tests)."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if world and dist.is_initialized():
-        from gridtrain.parallel.deepspeed_compat import forget_comm_backend
-
         dist.destroy_process_group()
         forget_comm_backend()

@@ -12,6 +12,8 @@ import threading
 import time
 from datetime import timedelta
 
+import torch.distributed as dist
+
 PREFIX = "gridtrain/heartbeat/"
 INTERVAL_S = 1.0
 # A store read that takes longer than this means the store's host is not answering either.
@@ -19,8 +21,6 @@ STORE_TIMEOUT_S = 10.0
 
 
 def _client():
-    import torch.distributed as dist
-
     return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                          timeout=timedelta(seconds=STORE_TIMEOUT_S), wait_for_workers=False)
 

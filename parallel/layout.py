@@ -8,7 +8,7 @@ global batch as whole micro-batches per DP rank. Imports no torch.
 """
 from dataclasses import dataclass
 
-from gridtrain.launcher.errors import ConfigError
+from gridtrain.errors import ConfigError
 from gridtrain.parallel.config import ParallelConfig
 
 Problem = tuple[str, object, str]

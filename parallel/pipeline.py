@@ -11,6 +11,7 @@ from gridtrain.model.config import ModelConfig
 from gridtrain.model.decoder import LayerFactory, build_layer_factories
 from gridtrain.model.loss import lm_loss
 from gridtrain.parallel.deepspeed_compat import pipeline_module
+from gridtrain.parallel.memory_estimate import layer_parameters_per_tp_rank
 
 
 class FactorySpec(LayerSpec):
@@ -60,8 +61,6 @@ def build_pipeline_module(ctx, model: ModelConfig, seed: int, segment_mask: bool
     ((tokens, position_ids, segment_ids), (labels, loss_mask)), all (B, T). partition_method
     "parameters" balances the analytic per-layer counts (gridtrain.parallel.memory_estimate), so no
     rank builds a layer it does not own."""
-    from gridtrain.parallel.memory_estimate import layer_parameters_per_tp_rank
-
     return pipeline_module(
         layer_counts=layer_parameters_per_tp_rank(model, ctx.tp),
         layers=layer_specs(model, ctx.tp, seed, segment_mask),

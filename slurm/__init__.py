@@ -1,1 +1,2 @@
-"""slurm/: the batch script template and the site environment file `gridtrain submit` renders from (package data, no code)."""
+"""gridtrain.slurm: Slurm batch scripts (the template and site environment file are package data),
+the batch script's start/end decisions, hostlists, and Slurm client commands."""

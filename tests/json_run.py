@@ -5,11 +5,12 @@ import os
 from pathlib import Path
 
 from gridtrain.data.config import DataConfig
-from gridtrain.launcher.run_config import RunConfig
 from gridtrain.model.config import ModelConfig
-from gridtrain.parallel.config import ParallelConfig
+from gridtrain.parallel.config import OptimConfig, ParallelConfig
 from gridtrain.parallel.layout import Layout, build_layout
-from gridtrain.train.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
+from gridtrain.train.checkpoint.config import CheckpointConfig
+from gridtrain.train.config import LoggingConfig, TrainConfig
+from gridtrain.train.run_config import RunConfig
 
 SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig, "optim": OptimConfig,
             "train": TrainConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig}

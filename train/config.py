@@ -1,21 +1,7 @@
-"""Optimizer, training-loop, checkpoint and logging sections of a run config."""
+"""The training-loop and logging sections of a run config (the optimizer section is
+gridtrain.parallel.optim's, the checkpoint section gridtrain.train.checkpoint.config's)."""
 from dataclasses import dataclass
 from typing import Literal, Optional
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    warmup_steps: int = 100
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    # None: decay over train.steps.
-    decay_steps: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -34,23 +20,6 @@ class TrainConfig:
     # Initial weights from a Hugging Face folder or a gridtrain checkpoint instead of random ones
     # (fresh optimizer, step 0, data position 0); a checkpoint of this run, when resumed, wins.
     init_from: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    # None: <run_dir>/checkpoints
-    dir: Optional[str] = None
-    interval_steps: int = 0  # 0: off
-    interval_minutes: float = 0.0  # 0: off
-    keep_last: int = 3
-    keep_every: int = 0  # keep every M-th step permanently; 0: off
-    # With train.resume=none and checkpoints already in `dir`: false refuses to start; true moves
-    # them aside to <dir>.replaced-<UTC time> (nothing is deleted) and starts fresh.
-    overwrite: bool = False
-    # Interval saves stall training only while each rank copies its shard to host memory; files are
-    # written, fsynced and published in the background, at most one save at a time. Forced saves
-    # (a stop signal, the last step) stay synchronous. Off by default: see README "Checkpoints".
-    async_save: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,20 +9,42 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
-from gridtrain.launcher.errors import UserError
-from gridtrain.launcher.run_config import RunConfig
+from gridtrain.data.datasets import build_datasets, default_cache_dir, run_samples
+from gridtrain.data.loader import batches
+from gridtrain.data.tokenizer import SentencePieceTokenizer
+from gridtrain.errors import UserError
 from gridtrain.model.flops import training_flops_per_token
+from gridtrain.parallel import groups
+from gridtrain.parallel.engine import TrainEngine, build_engine
+from gridtrain.parallel.groups import ParallelContext
+from gridtrain.parallel.heartbeat import Heartbeat, explain_timeout, is_collective_timeout
 from gridtrain.parallel.layout import Layout
+from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord, verify_together
+from gridtrain.train.checkpoint.state import TrainState
+from gridtrain.train.checkpoint.store import checkpoint_dir
 from gridtrain.train.metrics import (
-    MetricsWriter, build_metrics_writer, checkpoint_record, eval_record, gather_memory, perplexity, step_record,
+    MetricsWriter,
+    build_metrics_writer,
+    checkpoint_record,
+    eval_record,
+    gather_memory,
+    perplexity,
+    step_record,
     total_peak_flops,
 )
+from gridtrain.train.preemption import PREEMPTED_EXIT_CODE, StopRequest
+from gridtrain.train.run_config import RunConfig
 from gridtrain.train.schedule import lr_at
+
+# Where train.init_from's weights come from: a function of (path, verify) returning a weight source
+# (names(), shape(), tensor(), model, path), given by the command that starts the ranks
+# (gridtrain.convert.sources.open_weights), which sits above this layer.
+WeightOpener = Callable[..., object]
 
 
 class TrainingDiverged(UserError):
@@ -34,36 +56,30 @@ class Trainer:
     """Everything one rank's loop needs, built once by build_trainer."""
 
     cfg: RunConfig
-    ctx: object  # gridtrain.parallel.groups.ParallelContext
-    engine: object  # gridtrain.parallel.engine.TrainEngine
-    train_data: object
-    valid_data: Optional[object]
-    checkpointer: object  # gridtrain.train.checkpoint.checkpointer.Checkpointer
-    stop: object  # gridtrain.train.preemption.StopRequest
+    ctx: ParallelContext
+    engine: TrainEngine
+    train_data: torch.utils.data.Dataset  # megatron-core's GPTDataset or BlendedDataset
+    valid_data: Optional[torch.utils.data.Dataset]
+    checkpointer: Checkpointer
+    stop: StopRequest
     writer: MetricsWriter
-    state: object  # gridtrain.train.state.TrainState
+    state: TrainState
     flops_per_token: float
     peak_flops_total: float
 
 
-def run(cfg: RunConfig, layout: Layout) -> int:
+def run(cfg: RunConfig, layout: Layout, open_weights: Optional[WeightOpener] = None) -> int:
     """Train one rank to cfg.train.steps; returns 0 when done, or PREEMPTED_EXIT_CODE after a stop
     signal (SIGTERM/SIGUSR1 on any rank) made every rank save and stop at the same step. `layout`
-    is validation's, for this world."""
-    from gridtrain.launcher import rank_env
-    from gridtrain.parallel import groups
-    from gridtrain.train.preemption import PREEMPTED_EXIT_CODE, StopRequest
-
-    from gridtrain.parallel.heartbeat import Heartbeat, explain_timeout, is_collective_timeout
-
+    is validation's, for this world, whose rank variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) the
+    caller has set; `open_weights` reads train.init_from (required when it is set)."""
     seed_everything(cfg.train.seed)
-    rank_env.discover()  # torchrun's variables pass through; srun / mpirun ones are mapped onto them
     ctx = groups.initialize(cfg.parallel, layout)
     heartbeat = Heartbeat(ctx.rank, layout.world_size).start()
     trainer = None
     try:
         with StopRequest() as stop:
-            trainer = build_trainer(cfg, ctx, stop)
+            trainer = build_trainer(cfg, ctx, stop, open_weights)
             finished = train(trainer)
     except RuntimeError as exc:
         if is_collective_timeout(exc):  # a peer alive but stuck: name it rather than the timeout
@@ -83,10 +99,6 @@ def reshard(cfg: RunConfig, layout: Layout) -> int:
     """One rank of `gridtrain checkpoint reshard`: build the engine of `layout`, resume
     cfg.train.resume into it (through DeepSpeed's universal form), save it natively into
     checkpoint.dir."""
-    from gridtrain.launcher import rank_env
-    from gridtrain.parallel import groups
-
-    rank_env.discover()
     ctx = groups.initialize(cfg.parallel, layout)
     try:
         engine = build_engine_of(cfg, ctx)
@@ -112,16 +124,14 @@ def config_record(cfg: RunConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def build_engine_of(cfg: RunConfig, ctx, note=None):
-    """The run's engine; with train.init_from, its weights come from there (each rank reads its
-    own slices; a checkpoint's files are verified by all ranks together first)."""
-    from gridtrain.parallel.engine import build_engine
-
+def build_engine_of(cfg: RunConfig, ctx: ParallelContext, note=None, open_weights: Optional[WeightOpener] = None
+                    ) -> TrainEngine:
+    """The run's engine; with train.init_from, its weights come from there through `open_weights`
+    (each rank reads its own slices; a checkpoint's files are verified by all ranks together first)."""
     initial = None
     if cfg.train.init_from:
-        from gridtrain.convert.sources import open_weights
-        from gridtrain.train.checkpoint.checkpointer import verify_together
-
+        if open_weights is None:
+            raise ValueError("train.init_from is set but no weight reader was given to the trainer")
         initial = open_weights(cfg.train.init_from, verify=verify_together)
         if note is not None:
             note(f"initial weights from {initial.path} (train.init_from)")
@@ -129,9 +139,7 @@ def build_engine_of(cfg: RunConfig, ctx, note=None):
                         initial_weights=initial)
 
 
-def build_checkpointer(cfg: RunConfig, layout: Layout):
-    from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord, checkpoint_dir
-
+def build_checkpointer(cfg: RunConfig, layout: Layout) -> Checkpointer:
     record = RunRecord(ckpt_dir=checkpoint_dir(cfg.checkpoint, cfg.train.run_dir), model=cfg.model,
                        dtype=cfg.train.dtype, tokenizer=cfg.data.tokenizer,
                        config=config_record(cfg))
@@ -140,16 +148,15 @@ def build_checkpointer(cfg: RunConfig, layout: Layout):
     return checkpointer
 
 
-def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:
-    from gridtrain.train.state import TrainState
-
+def build_trainer(cfg: RunConfig, ctx: ParallelContext, stop: StopRequest,
+                  open_weights: Optional[WeightOpener] = None) -> Trainer:
     writer = build_metrics_writer(cfg.logging, cfg.train.run_dir, ctx.rank == 0, cfg.train.steps, config_record(cfg))
     writer.note(f"rank layout: world {ctx.world_size} = TP {ctx.tp} x PP {ctx.pp} x DP {ctx.dp}, "
                 f"ZeRO {ctx.layout.zero_stage}, {ctx.backend} on {ctx.device}")
     train_data, valid_data = build_data(cfg)
     if valid_data is None or cfg.train.eval_steps == 0:
         writer.note(f"validation off: data.split={cfg.data.split!r} gives it no documents or train.eval_steps=0")
-    engine = build_engine_of(cfg, ctx, writer.note)
+    engine = build_engine_of(cfg, ctx, writer.note, open_weights)
     checkpointer = build_checkpointer(cfg, ctx.layout)
     state = checkpointer.resume(engine, cfg.train.resume) or TrainState(step=0, consumed_samples=0)
     if state.step:
@@ -166,14 +173,8 @@ def build_trainer(cfg: RunConfig, ctx, stop) -> Trainer:
 
 def build_data(cfg: RunConfig) -> tuple:
     """Train and validation datasets sized by run_samples."""
-    from gridtrain.data.datasets import build_datasets, default_cache_dir, run_samples
-    from gridtrain.data.tokenizer import SentencePieceTokenizer
-    from gridtrain.launcher.preflight import check_inputs
-
     if not cfg.data.tokenizer:
         raise UserError("data.tokenizer=None: set it to the SentencePiece .model file the shards were made with")
-    # The same checks `gridtrain train` runs before spawning, for ranks started by srun/mpirun.
-    check_inputs(cfg)
     tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
     cache_dir = default_cache_dir(cfg.data, cfg.train.run_dir)
     samples = run_samples(cfg.train.steps, cfg.train.global_batch_size, cfg.train.eval_steps)
@@ -183,8 +184,6 @@ def build_data(cfg: RunConfig) -> tuple:
 
 def micro_batches(t: Trainer, dataset, consumed_samples: int) -> Iterator[dict]:
     """This DP rank's micro-batches from the global sample `consumed_samples` on."""
-    from gridtrain.data.loader import batches
-
     layout = t.ctx.layout
     return batches(dataset, consumed_samples, layout.micro_batch_size, t.ctx.dp_rank, layout.dp, t.cfg.data)
 

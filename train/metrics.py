@@ -1,12 +1,16 @@
 """Per-step training metrics: loss, LR, grad norm, step time, tokens/s, MFU, per-rank memory and
 consumed samples, written by rank 0 to the console (one compact line), <run_dir>/metrics.jsonl and
-TensorBoard (<run_dir>/tensorboard)."""
+TensorBoard (<run_dir>/tensorboard).
+
+Lazy imports, each only when the logging section turns its sink on: wandb (an optional dependency,
+the `wandb` extra) and TensorBoard's writer (about 1 s to import)."""
 import json
 import math
 import secrets
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 from gridtrain.parallel.collectives import gather_ints, rank_and_world, sum_over_ranks
@@ -63,8 +67,6 @@ def memory_bytes(device: torch.device) -> int:
     """This rank's memory: peak CUDA allocation on GPU, resident set size of the process on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import psutil
-
     return int(psutil.Process().memory_info().rss)
 
 

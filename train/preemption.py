@@ -6,8 +6,10 @@ rank sees the same answer at the same step, finishes it, saves, and exits with P
 Slurm script contract: exit status PREEMPTED_EXIT_CODE means "stopped cleanly for preemption, a
 checkpoint was written, requeue me". The batch script `gridtrain submit` renders
 (slurm/gridtrain.sbatch.template) hands srun's status to `gridtrain slurm-job end`
-(launcher/slurm_job.py), which runs `scontrol requeue` for it, up to a cap.
-"""
+(gridtrain.slurm.job), which runs `scontrol requeue` for it, up to a cap.
+
+Lazy import: the agreement needs torch.distributed (about 1.5 s to import), which the launcher
+and the Slurm steps that read PREEMPTED_EXIT_CODE from here never need."""
 import signal
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry". Distinct from 0
@@ -72,7 +74,7 @@ class StopRequest:
 
     def should_stop(self) -> bool:
         """True on every rank iff any rank has received a stop signal. One tiny all-reduce."""
-        from gridtrain.parallel.collectives import any_rank
+        from gridtrain.parallel.collectives import any_rank  # torch: see the module docstring
 
         return any_rank(self.local)
 

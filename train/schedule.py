@@ -2,8 +2,8 @@
 Megatron's formulas (megatron/core/optimizer_param_scheduler.py, init_lr = 0)."""
 import math
 
-from gridtrain.launcher.errors import ConfigError
-from gridtrain.train.config import OptimConfig
+from gridtrain.errors import ConfigError
+from gridtrain.parallel.config import OptimConfig
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:

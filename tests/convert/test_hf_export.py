@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from convert_runs import ENV, MODELS, RUN_WORKER, run_config
-
 from multirank import launch
 
 PARITY = Path(__file__).parent / "workers" / "parity.py"

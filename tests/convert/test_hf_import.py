@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 from convert_runs import ENV, RUN_WORKER, run_config, train_records
-
 from multirank import launch
 
 ROUNDTRIP = Path(__file__).parent / "workers" / "init_roundtrip.py"

@@ -5,14 +5,14 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from datatest_corpus import write_jsonl
+
 from gridtrain.data.config import DataConfig
 from gridtrain.data.datasets import build_datasets, read_manifest
 from gridtrain.data.loader import batches, segment_ids_of
 from gridtrain.data.preprocess import PreprocessOptions, preprocess
 from gridtrain.data.tokenizer import SentencePieceTokenizer
-from gridtrain.launcher.errors import ConfigError
+from gridtrain.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +128,9 @@ def test_interrupted_cache_build_is_rebuilt(tmp_path, shard_prefix, tokenizer):
 
 
 def test_data_index_prebuilds_what_the_trainer_loads(tmp_path, shard_prefix, tokenizer_model, capsys):
+    from gridtrain.data.datasets import run_samples
     from gridtrain.launcher.cli import main
     from gridtrain.launcher.config import load_config
-    from gridtrain.data.datasets import run_samples
 
     config = tmp_path / "run.yaml"
     config.write_text(

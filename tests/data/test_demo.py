@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from gridtrain.errors import UserError
 from gridtrain.launcher.demo import CPU_LAYOUT, build_corpus, parse_layout, preset_path, stdlib_files, write_run_config
-from gridtrain.launcher.errors import UserError
 
 
 def test_corpus_is_stdlib_without_site_packages(tmp_path):

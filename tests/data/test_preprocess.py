@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 import sentencepiece as spm
+from datatest_corpus import write_jsonl
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from datatest_corpus import write_jsonl
 from gridtrain.data.preprocess import PreprocessOptions, preprocess
 from gridtrain.data.spm_model import special_ids
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
 
 QUIET = open(os.devnull, "w")
 

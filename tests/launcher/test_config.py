@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from gridtrain.errors import ConfigError
 from gridtrain.launcher.config import load_config, to_yaml, write_config
-from gridtrain.launcher.errors import ConfigError
 
 
 def write(folder: Path, name: str, text: str) -> str:

@@ -5,7 +5,10 @@ import pytest
 from gridtrain.model.config import ModelConfig
 from gridtrain.model.flops import count_parameters
 from gridtrain.parallel.memory_estimate import (
-    layer_parameters_per_tp_rank, partition_balanced, partition_uniform, stage_parameters_per_rank,
+    layer_parameters_per_tp_rank,
+    partition_balanced,
+    partition_uniform,
+    stage_parameters_per_rank,
     zero_memory_per_rank,
 )
 
@@ -60,7 +63,8 @@ def test_pipeline_stages_cover_every_layer_once_plus_the_tied_copy():
 
 
 def test_partitions_match_deepspeed():
-    from deepspeed.runtime.utils import partition_balanced as ds_balanced, partition_uniform as ds_uniform
+    from deepspeed.runtime.utils import partition_balanced as ds_balanced
+    from deepspeed.runtime.utils import partition_uniform as ds_uniform
 
     for weights, parts in [([5, 1, 1, 1, 1, 5], 2), ([9, 3, 3, 3, 3, 3, 3, 1, 9], 4), ([1, 2], 3), ([7] * 10, 3)]:
         assert partition_balanced(weights, parts) == list(ds_balanced(weights, parts))

@@ -7,8 +7,8 @@ import json
 import os
 import random
 import shutil
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import time

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from gridtrain.errors import ConfigError
 from gridtrain.launcher.config import load_config
-from gridtrain.launcher.errors import ConfigError
-from gridtrain.launcher.run_config import RunConfig
 from gridtrain.launcher.validate import validate
+from gridtrain.train.run_config import RunConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

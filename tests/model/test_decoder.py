@@ -2,10 +2,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch_reference import reference_logits
 
 from gridtrain.model.config import ModelConfig
 from gridtrain.model.flops import count_parameters
-from torch_reference import reference_logits
 
 pytestmark = pytest.mark.usefixtures("tp1_group")
 

@@ -3,7 +3,15 @@ import pytest
 
 from gridtrain.model.config import ModelConfig
 from gridtrain.model.naming import (
-    EMBEDDING, block_index, final_norm_index, head_index, is_vocab_parameter, layer_count, parameter_name, split_name)
+    EMBEDDING,
+    block_index,
+    final_norm_index,
+    head_index,
+    is_vocab_parameter,
+    layer_count,
+    parameter_name,
+    split_name,
+)
 
 pytestmark = pytest.mark.usefixtures("tp1_group")
 

@@ -19,14 +19,14 @@ import torch
 
 from gridtrain.model.config import ModelConfig
 from gridtrain.parallel import groups
-from gridtrain.parallel.config import ParallelConfig
+from gridtrain.parallel.config import OptimConfig, ParallelConfig
 from gridtrain.parallel.engine import build_engine
 from gridtrain.parallel.layout import build_layout
 from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord
+from gridtrain.train.checkpoint.config import CheckpointConfig
 from gridtrain.train.checkpoint.manifest import verify_checkpoint
+from gridtrain.train.checkpoint.state import TrainState
 from gridtrain.train.checkpoint.weights import read_weights
-from gridtrain.train.config import CheckpointConfig, OptimConfig
-from gridtrain.train.state import TrainState
 
 STEPS, GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, LR = 3, 8, 2, 16, 300, 2e-3
 FAMILIES = {

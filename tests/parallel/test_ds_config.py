@@ -2,9 +2,10 @@
 (no process group needed)."""
 import torch
 
-from gridtrain.parallel.ds_config import build_ds_config, build_optimizer, param_groups
+from gridtrain.parallel.config import OptimConfig
+from gridtrain.parallel.ds_config import build_ds_config
 from gridtrain.parallel.layout import Layout
-from gridtrain.train.config import OptimConfig
+from gridtrain.parallel.optim import build_optimizer, param_groups
 
 OPTIM = OptimConfig(lr=1e-3, beta1=0.8, beta2=0.9, eps=1e-7, weight_decay=0.05, grad_clip=0.7)
 

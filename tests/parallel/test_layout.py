@@ -1,7 +1,7 @@
 """The Layout and its rules, the one place that derives DP and checks the split (no torch)."""
 import pytest
 
-from gridtrain.launcher.errors import ConfigError
+from gridtrain.errors import ConfigError
 from gridtrain.parallel.config import ParallelConfig
 from gridtrain.parallel.layout import Layout, build_layout, configured_world_size, data_parallel_size
 

@@ -180,8 +180,9 @@ def test_nodelists_and_master_addresses_agree_with_slurm(slurm_cluster, monkeypa
     """Our hostlist parser (used where scontrol is missing) expands as Slurm's own `scontrol show
     hostnames` does, and the master address of a node whose name does not resolve is the NodeAddr
     Slurm reports (a name that resolves is kept; one Slurm does not know either is one line)."""
-    from gridtrain.launcher.errors import UserError
-    from gridtrain.launcher.rank_env import expand_nodelist, first_host, master_host
+    from gridtrain.errors import UserError
+    from gridtrain.slurm.hostlist import expand_nodelist
+    from gridtrain.slurm.master import first_host, master_host
 
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster.conf))
     # (Slurm 22.05 calls text after a lone bracket group, "gpu-[1,3]-ib", an invalid hostlist; it
@@ -211,9 +212,9 @@ def test_job_end_requeues_array_tasks_by_task_id_and_reports_failures(slurm_clus
     crash = sbatch("crash", "--requeue", status=1, cap=3)
     refused = sbatch("refused", "--no-requeue", status=75, cap=3)
     task = f"{array}_3"
+
     def log(name: str) -> list[str]:  # gridtrain's lines (slurmstepd adds its own on a requeue)
         return [line for line in (tmp_path / f"{name}.out").read_text().splitlines() if line.startswith("gridtrain:")]
-
 
     job = wait_ended(slurm_cluster, task, 90)
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("FAILED", "75:0", "1"), log("array")

@@ -2,7 +2,6 @@
 and with lr=0 (negative control) it does not."""
 import json
 import random
-
 from pathlib import Path
 
 import numpy as np

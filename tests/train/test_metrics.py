@@ -7,8 +7,15 @@ import torch
 
 from gridtrain.train.config import LoggingConfig
 from gridtrain.train.metrics import (
-    build_metrics_writer, checkpoint_record, eval_record, format_record, gather_memory, measure_matmul_flops, mfu,
-    step_record, total_peak_flops,
+    build_metrics_writer,
+    checkpoint_record,
+    eval_record,
+    format_record,
+    gather_memory,
+    measure_matmul_flops,
+    mfu,
+    step_record,
+    total_peak_flops,
 )
 
 CPU = torch.device("cpu")

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from gridtrain.launcher.errors import ConfigError
-from gridtrain.train.config import OptimConfig
+from gridtrain.errors import ConfigError
+from gridtrain.parallel.config import OptimConfig
 from gridtrain.train.schedule import lr_at
 
 TOTAL = 110

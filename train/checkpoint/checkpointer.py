@@ -15,24 +15,41 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
 from gridtrain.model.config import ModelConfig
 from gridtrain.parallel.collectives import all_gather_object, any_rank, barrier, broadcast_object, rank_and_world
+from gridtrain.parallel.deepspeed_compat import UNIVERSAL_KEY
 from gridtrain.parallel.layout import Layout
+from gridtrain.train.checkpoint.config import CheckpointConfig
+from gridtrain.train.checkpoint.layout_change import describe, reshard_refusal, same_shards
 from gridtrain.train.checkpoint.manifest import MANIFEST_NAME, STATE_NAME, read_manifest, verify_checkpoint
-from gridtrain.train.checkpoint.reshard import (
-    UNIVERSAL_KEY, convert, describe, load_universal, reshard_refusal, same_shards, universal_info, universal_workdir)
+from gridtrain.train.checkpoint.reshard import convert, load_universal, universal_info, universal_workdir
 from gridtrain.train.checkpoint.rng import restore_rng_state
 from gridtrain.train.checkpoint.save import (
-    DS_TAG, HostStaging, PendingSave, SaveContext, SaveResult, finish_save, note, rng_file, start_save)
+    DS_TAG,
+    HostStaging,
+    PendingSave,
+    SaveContext,
+    SaveResult,
+    finish_save,
+    note,
+    rng_file,
+    start_save,
+)
+from gridtrain.train.checkpoint.state import TrainState
 from gridtrain.train.checkpoint.store import (
-    BackgroundDeleter, CheckpointError, candidates, checkpoint_dir, choose_valid, find_resumable, list_checkpoints,
-    remove_stale_temps)
-from gridtrain.train.config import CheckpointConfig
-from gridtrain.train.state import TrainState
+    BackgroundDeleter,
+    CheckpointError,
+    candidates,
+    choose_valid,
+    find_resumable,
+    list_checkpoints,
+    remove_stale_temps,
+)
 
 
 @dataclass(frozen=True)
@@ -60,8 +77,6 @@ def _appears(path: Path, within: float) -> bool:
 
 
 def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     found = {"python": sys.version.split()[0], "torch": torch.__version__}
     for name in ("gridtrain", "deepspeed", "megatron-core"):
         try:

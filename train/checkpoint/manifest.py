@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from gridtrain.model.config import ModelConfig
+
 MANIFEST_NAME = "manifest.json"
 STATE_NAME = "gridtrain_state.json"
 FORMAT = "gridtrain-checkpoint/1"
@@ -21,8 +23,6 @@ _OFFLOAD_MIN = 2**20
 
 def saved_model(ckpt: Path):
     """The ModelConfig of the run that wrote checkpoint `ckpt` (from its state file)."""
-    from gridtrain.model.config import ModelConfig
-
     config = json.loads((Path(ckpt) / STATE_NAME).read_text(encoding="utf-8"))["config"]
     return ModelConfig(**config["model"])
 

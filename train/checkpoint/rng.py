@@ -2,22 +2,11 @@
 model-parallel RNG tracker. Dropout and any sampling draw from these, so a resumed run continues the
 same random streams as the uninterrupted one."""
 import random
-import sys
 
 import numpy as np
 import torch
 
-_MEGATRON_RANDOM = "megatron.core.tensor_parallel.random"
-
-
-def _megatron_tracker():
-    """megatron-core's tracker if the process already imported and initialised it; never imports
-    megatron just for this (it costs seconds and an uninitialised tracker holds nothing)."""
-    module = sys.modules.get(_MEGATRON_RANDOM)
-    if module is None or not getattr(module, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", False):
-        return None
-    tracker = module.get_cuda_rng_tracker()
-    return tracker if tracker.is_initialized() else None
+from gridtrain.parallel.megatron_compat import model_parallel_rng_tracker, restore_model_parallel_rng
 
 
 def capture_rng_state() -> dict:
@@ -28,7 +17,7 @@ def capture_rng_state() -> dict:
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "megatron_tracker": None,
     }
-    tracker = _megatron_tracker()
+    tracker = model_parallel_rng_tracker()
     if tracker is not None:
         state["megatron_tracker"] = {name: value.clone() for name, value in tracker.get_states().items()}
     return state
@@ -47,8 +36,5 @@ def restore_rng_state(state: dict) -> list[str]:
         else:
             skipped.append("cuda")
     if state.get("megatron_tracker"):
-        module = sys.modules.get(_MEGATRON_RANDOM)
-        if module is None:
-            import megatron.core.tensor_parallel.random as module
-        module.get_cuda_rng_tracker().set_states(dict(state["megatron_tracker"]))
+        restore_model_parallel_rng(state["megatron_tracker"])
     return skipped

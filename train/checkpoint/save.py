@@ -23,21 +23,27 @@ import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gridtrain.parallel.collectives import all_gather_object, broadcast_object, rank_and_world
+from gridtrain.parallel.deepspeed_compat import is_torch_checkpoint_engine, torch_save_options, writes_through
 from gridtrain.train.checkpoint.manifest import (
-    STATE_NAME, HashingWriter, build_manifest, digest_files, fsync_file, list_files, write_text_atomic)
+    STATE_NAME,
+    HashingWriter,
+    build_manifest,
+    digest_files,
+    fsync_file,
+    list_files,
+    write_text_atomic,
+)
 from gridtrain.train.checkpoint.rng import capture_rng_state
-from gridtrain.parallel.deepspeed_compat import is_torch_checkpoint_engine, writes_through
-from gridtrain.train.checkpoint.store import (
-    BackgroundDeleter, CheckpointError, publish, read_latest, retire, temp_path)
-from gridtrain.train.state import TrainState
+from gridtrain.train.checkpoint.state import TrainState
+from gridtrain.train.checkpoint.store import BackgroundDeleter, CheckpointError, publish, read_latest, retire, temp_path
 
 DS_TAG = "ds"
 TOKENIZER_NAME = "tokenizer.model"
@@ -179,7 +185,7 @@ class _RecordingWriter:
                 sink = _FlushingSink(raw, self._hash, self._fsync)
                 try:
                     with _zip_crc32_off():
-                        torch.save(state_dict, sink, _use_new_zipfile_serialization=self._inner.zipfile_serialization)
+                        torch.save(state_dict, sink, **torch_save_options(self._inner))
                 finally:
                     sink.settle()
         except (OSError, RuntimeError) as exc:  # torch's zip writer reports ENOSPC as RuntimeError

@@ -17,9 +17,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
+from gridtrain.train.checkpoint.config import CheckpointConfig
 from gridtrain.train.checkpoint.manifest import fsync_dir, verify_checkpoint, write_text_atomic
-from gridtrain.train.config import CheckpointConfig
 
 LATEST_NAME = "latest"
 _NAME_RE = re.compile(r"^step_(\d{8,})$")

@@ -10,7 +10,6 @@ and Megatron's vocab padding is cut, so the result is the same for the same mode
 trained it. Names are the PP=1 Decoder's (gridtrain.model.naming). Files are memory-mapped and a
 tensor is only read when asked for, so a converter can hold one layer at a time.
 """
-import re
 from pathlib import Path
 
 import torch
@@ -18,13 +17,8 @@ import torch
 from gridtrain.model.naming import parameter_name, split_name
 from gridtrain.parallel import deepspeed_compat as ds_files
 from gridtrain.train.checkpoint.manifest import read_manifest, saved_model
-from gridtrain.train.checkpoint.reshard import UNIVERSAL_KEY
 from gridtrain.train.checkpoint.save import DS_TAG
 from gridtrain.train.checkpoint.store import CheckpointError
-
-_KIND_KEYS = (("replicated", "tp_replicated_parameter_patterns"),
-              ("row", "parameter_with_row_parallelism_patterns"),
-              ("vocab", "vocabulary_parameter_patterns"))
 
 
 def _load(path: Path) -> dict:
@@ -66,14 +60,10 @@ class CheckpointWeights:
     def _split_kinds(ds_dir: Path, zero: int) -> tuple[dict, int]:
         """(name -> "replicated" | "row" | "vocab", unpadded vocab size) from the universal
         checkpoint info; parameters it does not name are split along dim 0 (column-parallel)."""
-        info = _load(ds_files.model_states_file(ds_dir, 0, zero)).get(UNIVERSAL_KEY)
+        info = _load(ds_files.model_states_file(ds_dir, 0, zero)).get(ds_files.UNIVERSAL_KEY)
         if not info:
-            raise CheckpointError(f"{ds_dir}: no {UNIVERSAL_KEY} in its model states; it was not written by gridtrain")
-        kinds = {}
-        for kind, key in _KIND_KEYS:
-            for pattern in info.get(key, []):
-                kinds[re.sub(r"^\^|\$$", "", pattern).replace("\\", "")] = kind
-        return kinds, info["original_vocab_size"]
+            raise CheckpointError(f"{ds_dir}: no {ds_files.UNIVERSAL_KEY} in its model states; it was not written by gridtrain")
+        return ds_files.universal_split_kinds(info)
 
     def names(self) -> list[str]:
         """Every parameter, in layer order."""

@@ -24,18 +24,18 @@ def main() -> None:
     from gridtrain.convert.hf_export import export_hf
     from gridtrain.convert.sources import open_weights
     from gridtrain.data.config import DataConfig
-    from gridtrain.launcher.run_config import RunConfig
     from gridtrain.parallel import groups
     from gridtrain.parallel.config import ParallelConfig
+    from gridtrain.train.checkpoint.state import TrainState
     from gridtrain.train.config import TrainConfig
     from gridtrain.train.loop import build_checkpointer, build_engine_of
-    from gridtrain.train.state import TrainState
+    from gridtrain.train.run_config import RunConfig
 
     hf_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     cfg = RunConfig(model=model_config_from_hf(hf_dir), data=DataConfig(tokenizer=str(hf_dir / "tokenizer.model")),
                     train=TrainConfig(run_dir=str(out / "run"), init_from=str(hf_dir)))
     ctx = groups.initialize_single(ParallelConfig())
-    engine = build_engine_of(cfg, ctx)
+    engine = build_engine_of(cfg, ctx, open_weights=open_weights)
     saved = build_checkpointer(cfg, ctx.layout).save(engine, TrainState(step=0))
     groups.destroy()
     source = open_weights(saved.path)

@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from multirank import launch
 
 WORKER = Path(__file__).parent / "workers" / "ds_checkpoint.py"

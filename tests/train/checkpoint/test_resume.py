@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from multirank import free_port, launch
 from tiny_corpus import build_tiny_corpus
 

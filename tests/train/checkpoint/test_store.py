@@ -15,15 +15,30 @@ import torch
 
 from gridtrain.parallel.layout import Layout
 from gridtrain.train.checkpoint import manifest as manifest_mod
+from gridtrain.train.checkpoint.config import CheckpointConfig
 from gridtrain.train.checkpoint.manifest import (
-    build_manifest, digest_files, list_files, read_manifest, verify_checkpoint, write_text_atomic)
+    build_manifest,
+    digest_files,
+    list_files,
+    read_manifest,
+    verify_checkpoint,
+    write_text_atomic,
+)
 from gridtrain.train.checkpoint.rng import capture_rng_state, restore_rng_state
+from gridtrain.train.checkpoint.state import TrainState
 from gridtrain.train.checkpoint.store import (
-    BackgroundDeleter, CheckpointError, find_resumable, list_checkpoints, publish, read_latest,
-    remove_stale_temps, retention_victims, retire, temp_path)
-from gridtrain.train.config import CheckpointConfig
+    BackgroundDeleter,
+    CheckpointError,
+    find_resumable,
+    list_checkpoints,
+    publish,
+    read_latest,
+    remove_stale_temps,
+    retention_victims,
+    retire,
+    temp_path,
+)
 from gridtrain.train.preemption import PREEMPTED_EXIT_CODE, StopRequest
-from gridtrain.train.state import TrainState
 
 LAYOUT = {"world_size": 2, "tp": 1, "pp": 1, "dp": 2, "zero_stage": 2, "dtype": "fp32"}
 
@@ -192,7 +207,8 @@ def test_a_failed_deletion_is_reported_once_naming_the_folder(tmp_path, monkeypa
 
 
 def checkpointer_for(tmp_path: Path, cfg: CheckpointConfig):
-    from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord, checkpoint_dir
+    from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord
+    from gridtrain.train.checkpoint.store import checkpoint_dir
 
     return Checkpointer(cfg, ONE_RANK, RunRecord(ckpt_dir=checkpoint_dir(cfg, str(tmp_path))))
 
@@ -245,7 +261,7 @@ def test_inspect_cli_reports_and_imports_no_torch(tmp_path):
     for step in (4, 8):
         fake_checkpoint(tmp_path, step)
     flip_byte(tmp_path / "step_00000004" / "ds" / "mp_rank_00_model_states.pt")
-    code = ("import sys; from gridtrain.launcher.cli import build_parser; from gridtrain.train.checkpoint import commands as c;"
+    code = ("import sys; from gridtrain.launcher.cli import build_parser; from gridtrain.launcher import checkpoint_commands as c;"
             f" rc = c.inspect_command(build_parser().parse_args(['checkpoint', 'inspect', {str(tmp_path)!r}]));"
             " print('TORCH', 'torch' in sys.modules, 'RC', rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -21,11 +21,11 @@ from torch import nn
 from gridtrain.parallel import groups
 from gridtrain.parallel.layout import Layout
 from gridtrain.train.checkpoint.checkpointer import Checkpointer, RunRecord
+from gridtrain.train.checkpoint.config import CheckpointConfig
 from gridtrain.train.checkpoint.manifest import verify_checkpoint
+from gridtrain.train.checkpoint.state import TrainState
 from gridtrain.train.checkpoint.store import CheckpointError, read_latest
-from gridtrain.train.config import CheckpointConfig
 from gridtrain.train.preemption import StopRequest
-from gridtrain.train.state import TrainState
 
 MICRO, IN, OUT = 4, 16, 4
 

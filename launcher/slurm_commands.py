@@ -1,42 +1,25 @@
-"""`gridtrain submit`: validate a run for N nodes x G ranks on the job's device, render the batch
-script (slurm/gridtrain.sbatch.template) into the run folder next to the resolved config, and hand
-it to `sbatch`; `--chain K` submits K jobs, each starting after the previous one ends. Imports no
-torch/deepspeed/megatron: it answers in about a second on a login node."""
+"""`gridtrain submit` and `gridtrain slurm-job`: the command-line side of gridtrain.slurm.
+
+submit validates a run for N nodes x G ranks on the job's device, renders the batch script into the
+run folder next to the resolved config, and hands it to `sbatch`; `--chain K` submits K jobs, each
+starting after the previous one ends. slurm-job (left out of `gridtrain --help`) is what that
+batch script runs before and after its ranks. Imports no torch/deepspeed/megatron: both answer in
+about a second on a login node or a batch node."""
 import os
-import shlex
 import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-from gridtrain.launcher.errors import ConfigError, UserError
+from gridtrain.errors import ConfigError, UserError
+from gridtrain.launcher.config import load_config, write_config
+from gridtrain.launcher.run_commands import RESOLVED_CONFIG, split_extra_args
+from gridtrain.launcher.validate import validate
+from gridtrain.parallel.layout import configured_world_size
+from gridtrain.slurm import job
+from gridtrain.slurm.batch_script import LOG_PATTERN, SCRIPT_NAME, SITE_ENV, JobSpec, package_file, render_script
+from gridtrain.slurm.client import call_sbatch
 
-TEMPLATE = "gridtrain.sbatch.template"
-SITE_ENV = "site-env.sh"
-SCRIPT_NAME = "gridtrain.sbatch"
-LOG_PATTERN = "slurm-%j.out"  # %j: the job id (each array task has its own)
 DEFAULT_SIGNAL_GRACE = 120  # seconds between USR1 and the time limit: enough to save a checkpoint
 DEFAULT_MAX_REQUEUES = 3
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """One batch job: where it runs and how it is stopped and requeued."""
-    nodes: int
-    tasks_per_node: int  # ranks per node: one per GPU with cuda
-    device: str  # "cuda" | "cpu"
-    job_name: str
-    log: Path  # with %j
-    workdir: Path
-    signal_grace: int
-    max_requeues: int
-    partition: str | None = None
-    time: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    extra: tuple[str, ...] = ()  # --sbatch-arg values, one `#SBATCH` line each
 
 
 def register(subparsers) -> None:
@@ -77,11 +60,16 @@ def register(subparsers) -> None:
     sub.epilog = "Overrides: --section.field=value, as for `gridtrain train`"
     sub.set_defaults(handler=submit_command, accepts_overrides=True)
 
+    # No help=: argparse then leaves the command out of `gridtrain --help`.
+    steps = subparsers.add_parser("slurm-job", description="Steps of the batch script of `gridtrain submit`.")
+    steps.add_argument("step", choices=("start", "end"))
+    steps.add_argument("config", metavar="CONFIG", help="the resolved config the job trains")
+    steps.add_argument("--status", type=int, default=0, help="end: the exit status of srun")
+    steps.add_argument("--max-requeues", type=int, default=0, help="end: requeue at most this many times")
+    steps.set_defaults(handler=slurm_job_command)
+
 
 def submit_command(args) -> int:
-    from gridtrain.launcher.commands import RESOLVED_CONFIG, split_extra_args
-    from gridtrain.launcher.config import load_config, write_config
-
     configs, overrides = split_extra_args(args)
     cfg = load_config(configs, overrides)
     tasks = ranks_per_node(cfg, args)
@@ -119,8 +107,6 @@ def submit_command(args) -> int:
 
 def ranks_per_node(cfg, args) -> int:
     """Ranks per node from the flag that fits the device, else the config's ranks / nodes."""
-    from gridtrain.parallel.layout import configured_world_size
-
     if args.nodes < 1:
         raise UserError(f"--nodes {args.nodes}: must be >= 1")
     if args.chain < 1 or args.max_requeues < 0 or args.signal_grace < 0:
@@ -147,8 +133,6 @@ def ranks_per_node(cfg, args) -> int:
 def check_job(cfg, nodes: int, tasks_per_node: int, device: str) -> None:
     """The launch-time validation for nodes x tasks ranks on `device`, named after the flags, plus
     what a requeued job needs: checkpoints."""
-    from gridtrain.launcher.validate import validate
-
     world = nodes * tasks_per_node
     try:
         validate(cfg, world, device)
@@ -162,46 +146,8 @@ def check_job(cfg, nodes: int, tasks_per_node: int, device: str) -> None:
                             "or told it has finished: set checkpoint.interval_steps (or interval_minutes) > 0")])
 
 
-def package_file(name: str) -> Path:
-    """A file of the slurm/ folder (installed as package data of gridtrain.slurm)."""
-    return Path(str(resources.files("gridtrain.slurm").joinpath(name)))
-
-
-def sbatch_lines(spec: JobSpec) -> list[str]:
-    """The #SBATCH lines of one job."""
-    options = [f"--job-name={spec.job_name}", f"--nodes={spec.nodes}", f"--ntasks-per-node={spec.tasks_per_node}"]
-    if spec.device == "cuda":
-        options.append(f"--gpus-per-node={spec.tasks_per_node}")
-    options += [f"--chdir={spec.workdir}", f"--output={spec.log}", "--open-mode=append", "--requeue",
-                f"--signal=USR1@{spec.signal_grace}"]
-    for name in ("partition", "time", "account", "qos"):
-        if getattr(spec, name):
-            options.append(f"--{name}={getattr(spec, name)}")
-    return [f"#SBATCH {option}" for option in (*options, *spec.extra)]
-
-
-def render_script(spec: JobSpec, config_path: Path, site_env: Path) -> str:
-    """The batch script for `spec`, running the ranks on `config_path`."""
-    template = package_file(TEMPLATE).read_text()
-    values = {
-        "SBATCH_LINES": "\n".join(sbatch_lines(spec)),
-        "SITE_ENV": shlex.quote(str(site_env)),
-        "GRIDTRAIN": shlex.join([sys.executable, "-m", "gridtrain.launcher.cli"]),
-        "CONFIG": shlex.quote(str(config_path)),
-        "NODES": str(spec.nodes),
-        "TASKS_PER_NODE": str(spec.tasks_per_node),
-        "MAX_REQUEUES": str(spec.max_requeues),
-    }
-    for name, value in values.items():
-        template = template.replace("{{" + name + "}}", value)
-    return template
-
-
-def call_sbatch(sbatch: str, script: Path, after: str | None) -> str:
-    """Submit `script`; returns the job id. `after`: start only once that job has ended."""
-    cmd = [sbatch, "--parsable"] + ([f"--dependency=afterany:{after}"] if after else []) + [str(script)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-    if result.returncode != 0:
-        message = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
-        raise UserError(f"sbatch refused the job: {message}")
-    return result.stdout.strip().split(";")[0]  # "<id>[;<cluster>]"
+def slurm_job_command(args) -> int:
+    cfg = load_config([args.config])
+    if args.step == "start":
+        return job.start(cfg, os.environ)
+    return job.end(cfg, args.status, args.max_requeues, os.environ)

@@ -3,8 +3,8 @@ decides runs through the real Slurm daemons in tests/slurm (requeue, cap, array 
 a refused requeue)."""
 import pytest
 
-from gridtrain.launcher.errors import UserError
-from gridtrain.launcher.slurm_job import job_id
+from gridtrain.errors import UserError
+from gridtrain.slurm.job import job_id
 
 
 def test_job_id_of_an_array_task_names_the_task():
@@ -12,4 +12,3 @@ def test_job_id_of_an_array_task_names_the_task():
     assert job_id({"SLURM_JOB_ID": "12"}) == "12"
     with pytest.raises(UserError, match="SLURM_JOB_ID is not set"):
         job_id({})
-

@@ -1,5 +1,8 @@
-"""`gridtrain train`, `gridtrain launch` and `gridtrain env`. torch/deepspeed are imported inside the
-handlers only, so `--help` and `train --dry-run` answer in about a second."""
+"""`gridtrain train`, `gridtrain launch` and `gridtrain env`.
+
+Lazy imports: torch, DeepSpeed and megatron-core (the trainer, the elastic agent, the device report)
+cost about 6 s per process (measured; shared/DESIGN.md), so they are imported inside the handlers
+that run them and `--help` or `train --dry-run` answer in about a second."""
 import argparse
 import os
 import shutil
@@ -7,7 +10,17 @@ import socket
 import sys
 from pathlib import Path
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.errors import UserError
+from gridtrain.launcher.config import load_config, write_config
+from gridtrain.launcher.dryrun import report
+from gridtrain.launcher.env_report import env_report
+from gridtrain.launcher.preflight import check_inputs
+from gridtrain.launcher.rank_env import discover, port_in_use
+from gridtrain.launcher.spawn import NodeSpec, RankFailed, set_rank_environment, spawn
+from gridtrain.launcher.validate import validate
+from gridtrain.parallel.deepspeed_compat import check_deepspeed_version
+from gridtrain.parallel.layout import configured_world_size
+from gridtrain.train.preemption import PREEMPTED_EXIT_CODE, catch_early
 
 RESOLVED_CONFIG = "resolved-config.yaml"
 
@@ -66,8 +79,6 @@ def split_extra_args(args) -> tuple[list[str], list[str]]:
 
 
 def _load(args, extra_overrides=()):
-    from gridtrain.launcher.config import load_config
-
     configs, overrides = split_extra_args(args)
     return load_config(configs, overrides + list(extra_overrides))
 
@@ -82,8 +93,6 @@ def _resume_overrides(args) -> list[str]:
 
 def _layout_world(cfg, args) -> tuple[int, int]:
     """(nproc per node, world size) from the flags, else from the config's layout."""
-    from gridtrain.parallel.layout import configured_world_size
-
     if args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         raise UserError(f"--nnodes {args.nnodes} / --node-rank {args.node_rank}: need nnodes >= 1 and 0 <= node-rank < nnodes")
     nproc = args.nproc_per_node
@@ -109,9 +118,6 @@ def resolve_device(choice: str, import_torch: bool) -> str:
 
 
 def train_command(args) -> int:
-    from gridtrain.launcher.config import write_config
-    from gridtrain.launcher.validate import validate
-
     cfg = _load(args, _resume_overrides(args))
     nproc, world = _layout_world(cfg, args)
     # Probe without torch: a bad config must fail in a second, before any heavy import. A dry run of
@@ -120,16 +126,8 @@ def train_command(args) -> int:
     device = "cuda" if gpu_job else resolve_device(args.device, import_torch=False)
     layout = validate(cfg, world, device)
     if args.dry_run:
-        from gridtrain.launcher.dryrun import report
-
         print(report(cfg, layout), end="")
         return 0
-    from gridtrain.launcher.preflight import check_inputs
-    from gridtrain.launcher.rank_env import port_in_use
-    from gridtrain.launcher.spawn import NodeSpec, RankFailed, spawn
-    from gridtrain.parallel.deepspeed_compat import check_deepspeed_version
-    from gridtrain.train.preemption import PREEMPTED_EXIT_CODE
-
     check_deepspeed_version()
     check_inputs(cfg)
     if args.nnodes > 1 and args.node_rank == 0 and args.master_port and port_in_use(args.master_port):
@@ -151,16 +149,11 @@ def train_command(args) -> int:
 
 
 def launch_command(args) -> int:
-    from gridtrain.train.preemption import catch_early
-
-    # Started by srun or mpirun, a preemption signal during the imports below must not kill the
-    # rank. Under torchrun it must: the agent stops the other ranks with SIGTERM when one fails.
+    # Started by srun or mpirun, a preemption signal during the imports below (the trainer's,
+    # seconds long) must not kill the rank. Under torchrun it must: the agent stops the other
+    # ranks with SIGTERM when one fails.
     if "RANK" not in os.environ and not args.reshard:
         catch_early()
-    from gridtrain.launcher.rank_env import discover, port_in_use
-    from gridtrain.launcher.spawn import set_rank_environment
-    from gridtrain.launcher.validate import validate
-
     cfg = _load(args)
     ranks = discover()
     # Under srun / mpirun rank 0 serves the rendezvous store on MASTER_PORT (torchrun's agent serves
@@ -173,15 +166,19 @@ def launch_command(args) -> int:
     layout = validate(cfg, ranks.world_size, resolve_device("auto", import_torch=True))
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    from gridtrain.convert.sources import open_weights
     from gridtrain.train.loop import reshard, run
 
     # record() writes a crashing rank's traceback where the elastic agent reports it from.
-    return int(record(reshard if args.reshard else run)(cfg, layout) or 0)
+    if args.reshard:
+        return int(record(reshard)(cfg, layout) or 0)
+    # The files every rank reads, checked again here: ranks started by srun or mpirun had no
+    # `gridtrain train` to check them before they started.
+    check_inputs(cfg)
+    return int(record(run)(cfg, layout, open_weights) or 0)
 
 
 def env_command(args) -> int:
-    from gridtrain.launcher.env_report import env_report
-
     rows = env_report()
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

@@ -3,8 +3,9 @@ from dataclasses import dataclass, field
 
 from gridtrain.data.config import DataConfig
 from gridtrain.model.config import ModelConfig
-from gridtrain.parallel.config import ParallelConfig
-from gridtrain.train.config import CheckpointConfig, LoggingConfig, OptimConfig, TrainConfig
+from gridtrain.parallel.config import OptimConfig, ParallelConfig
+from gridtrain.train.checkpoint.config import CheckpointConfig
+from gridtrain.train.config import LoggingConfig, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,17 @@
-"""`gridtrain tokenizer train`, `gridtrain preprocess` and `gridtrain data index`. Heavy imports
-(megatron-core, torch) stay inside the handlers."""
+"""`gridtrain tokenizer train`, `gridtrain preprocess` and `gridtrain data index`.
+
+Lazy import: `data index` builds megatron-core's datasets (about 5 s to import megatron.core), so
+its handler imports them only after the config has been read."""
 import json
 import os
 import sys
 import warnings
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.data.preprocess import PreprocessOptions, preprocess
+from gridtrain.data.tokenizer_train import train_tokenizer
+from gridtrain.errors import UserError
+from gridtrain.launcher.config import load_config
+from gridtrain.launcher.run_commands import split_extra_args
 
 
 def register(subparsers) -> None:
@@ -59,8 +65,6 @@ def quiet_library_warnings() -> None:
 
 
 def tokenizer_train_command(args) -> int:
-    from gridtrain.data.tokenizer_train import train_tokenizer
-
     info = train_tokenizer(args.input, args.vocab_size, args.out, args.model_type, args.sample_bytes,
                            args.json_key, args.txt_mode, max(1, args.threads))
     print(f"tokenizer: {info['model']} ({info['model_type']}, {info['vocab_size']} pieces, "
@@ -70,8 +74,6 @@ def tokenizer_train_command(args) -> int:
 
 def preprocess_command(args) -> int:
     quiet_library_warnings()
-    from gridtrain.data.preprocess import PreprocessOptions, preprocess
-
     opts = PreprocessOptions(
         inputs=tuple(args.input), tokenizer=args.tokenizer, output_prefix=args.output_prefix,
         json_key=args.json_key, workers=args.workers, shard_size_tokens=args.shard_size_tokens,
@@ -91,19 +93,16 @@ def preprocess_command(args) -> int:
 
 def data_index_command(args) -> int:
     quiet_library_warnings()
-    from gridtrain.data.datasets import build_datasets, default_cache_dir, run_samples
-    from gridtrain.data.tokenizer import SentencePieceTokenizer
-    from gridtrain.launcher.commands import split_extra_args
-    from gridtrain.launcher.config import load_config
-
     configs, overrides = split_extra_args(args)
     cfg = load_config(configs, overrides)
     if not cfg.data.tokenizer:
         raise UserError("data.tokenizer=None: set the SentencePiece .model the shards were made with")
+    from gridtrain.data.datasets import build_datasets, default_cache_dir, run_samples
+    from gridtrain.data.tokenizer import SentencePieceTokenizer
+
     num_samples = run_samples(cfg.train.steps, cfg.train.global_batch_size, cfg.train.eval_steps)
     cache_dir = default_cache_dir(cfg.data, cfg.train.run_dir)
     datasets = build_datasets(cfg.data, num_samples, cache_dir, SentencePieceTokenizer(cfg.data.tokenizer))
     sizes = ", ".join(f"{name} {len(d) if d is not None else 0}" for name, d in zip(("train", "valid", "test"), datasets))
     print(f"data index: {cache_dir} ready; samples requested {list(num_samples)} (datasets: {sizes})")
     return 0
-

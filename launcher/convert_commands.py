@@ -1,9 +1,16 @@
 """`gridtrain convert` (checkpoint -> Hugging Face / GGUF, Hugging Face -> a gridtrain config) and
-`gridtrain generate`. torch, transformers and gguf are imported inside the handlers."""
+`gridtrain generate`.
+
+Lazy imports: the exporters and the generator import torch, transformers and gguf (several seconds,
+and transformers and gguf are the optional `hf` extra), so each handler imports what it runs."""
+import contextlib
 import sys
 from pathlib import Path
 
-from gridtrain.launcher.errors import UserError
+from gridtrain.convert.config_from_hf import write_config_from_hf
+from gridtrain.errors import UserError
+from gridtrain.launcher.run_commands import resolve_device
+from gridtrain.launcher.spawn import set_rank_environment
 
 # One spelling per dtype inside; both spellings accepted on the command line.
 _HF_DTYPES = {"fp32": "fp32", "f32": "fp32", "bf16": "bf16", "fp16": "fp16", "f16": "fp16"}
@@ -53,8 +60,6 @@ def _dtype(args, table: dict, default: str) -> str:
 
 def convert_command(args) -> int:
     if args.to == "gridtrain":
-        from gridtrain.convert.config_from_hf import write_config_from_hf
-
         path = write_config_from_hf(Path(args.source), Path(args.out), args.force)
         print(f"wrote {path}: the model section of {args.source} with train.init_from set to it")
         return 0
@@ -88,12 +93,10 @@ def _prompts(args) -> list[str]:
 
 
 def generate_command(args) -> int:
-    from gridtrain.launcher.commands import resolve_device
-    from gridtrain.launcher.spawn import set_rank_environment
-
     # One process is one rank: the same thread count and library settings as a training rank.
     set_rank_environment(resolve_device(args.device, import_torch=False))
-    from gridtrain.convert.generate import load_generator
+    with contextlib.redirect_stdout(sys.stderr):  # library notices at import: stdout is the text
+        from gridtrain.convert.generate import load_generator
 
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise UserError("--max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1 are needed")

@@ -1,5 +1,5 @@
-"""`gridtrain slurm-job start|end CONFIG`: the decisions of the batch script `gridtrain submit`
-renders, kept in Python. Not listed in `gridtrain --help`: only that script calls them. No torch.
+"""The decisions of the batch script `gridtrain submit` renders, kept in Python and run by
+`gridtrain slurm-job start|end CONFIG` (only that script calls them). No torch.
 
 start: says which job and restart this is and where its master is, and exits FINISHED_EXIT_CODE
        when the run's newest checkpoint has already reached train.steps, so a chained or requeued
@@ -7,38 +7,22 @@ start: says which job and restart this is and where its master is, and exits FIN
 end:   maps the ranks' exit status onto the job's fate: 0 finished; PREEMPTED_EXIT_CODE (a
        checkpoint was written) -> `scontrol requeue` unless SLURM_RESTART_COUNT has reached the cap;
        anything else is a failure and is returned as the job's exit code."""
-import os
 import re
 import sys
 from pathlib import Path
 
-from gridtrain.launcher.errors import UserError
-from gridtrain.launcher.rank_env import slurm_command
+from gridtrain.errors import UserError
+from gridtrain.slurm.client import slurm_command
+from gridtrain.slurm.master import first_host, master_host, master_port
+from gridtrain.train.checkpoint.manifest import verify_checkpoint
+from gridtrain.train.checkpoint.store import checkpoint_dir, list_checkpoints
+from gridtrain.train.preemption import PREEMPTED_EXIT_CODE
 
 FINISHED_EXIT_CODE = 3  # the batch script turns it into exit 0 without starting the ranks
 
 
-def register(subparsers) -> None:
-    # No help=: argparse then leaves the command out of `gridtrain --help`.
-    job = subparsers.add_parser("slurm-job", description="Steps of the batch script of `gridtrain submit`.")
-    job.add_argument("step", choices=("start", "end"))
-    job.add_argument("config", metavar="CONFIG", help="the resolved config the job trains")
-    job.add_argument("--status", type=int, default=0, help="end: the exit status of srun")
-    job.add_argument("--max-requeues", type=int, default=0, help="end: requeue at most this many times")
-    job.set_defaults(handler=slurm_job_command)
-
-
 def say(message: str) -> None:
     print(f"gridtrain: {message}", file=sys.stderr, flush=True)
-
-
-def slurm_job_command(args) -> int:
-    from gridtrain.launcher.config import load_config
-
-    cfg = load_config([args.config])
-    if args.step == "start":
-        return start(cfg, os.environ)
-    return end(cfg, args.status, args.max_requeues, os.environ)
 
 
 def job_id(env) -> str:
@@ -54,9 +38,6 @@ def job_id(env) -> str:
 def finished_checkpoint(cfg) -> Path | None:
     """The newest checkpoint if it is complete (manifest and files present) and at train.steps or
     beyond, else None. Sizes only, no checksums: resuming verifies fully anyway."""
-    from gridtrain.train.checkpoint.manifest import verify_checkpoint
-    from gridtrain.train.checkpoint.store import checkpoint_dir, list_checkpoints
-
     published = list_checkpoints(checkpoint_dir(cfg.checkpoint, cfg.train.run_dir))
     if not published or published[-1][0] < cfg.train.steps:
         return None
@@ -65,8 +46,6 @@ def finished_checkpoint(cfg) -> Path | None:
 
 
 def start(cfg, env) -> int:
-    from gridtrain.launcher.rank_env import first_host, master_host, slurm_master_port
-
     restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
     done = finished_checkpoint(cfg)
     if done is not None:
@@ -75,15 +54,13 @@ def start(cfg, env) -> int:
         return FINISHED_EXIT_CODE
     nodes = env.get("SLURM_JOB_NODELIST", "")
     master = master_host(first_host(nodes)) if nodes else "?"
-    port = slurm_master_port(env)
+    port = master_port(env)
     say(f"job {job_id(env)} restart {restarts}: nodes {nodes or '?'}, {env.get('SLURM_NTASKS', '?')} ranks, "
         f"master {master}:{port}, run {cfg.train.run_dir}")
     return 0
 
 
 def end(cfg, status: int, max_requeues: int, env) -> int:
-    from gridtrain.train.preemption import PREEMPTED_EXIT_CODE
-
     jid = job_id(env)
     if status == 0:
         say(f"job {jid}: training finished at train.steps={cfg.train.steps}")

@@ -1,12 +1,24 @@
 """`gridtrain checkpoint inspect PATH`: step, data position, layout, sizes and validity of one
 checkpoint or of every checkpoint in a folder. Reads only the manifest and gridtrain's state JSON
 (plus the files themselves for checksums): no torch or deepspeed import, answers in about a second
-plus the time to read the files."""
+plus the time to read the files. `gridtrain checkpoint reshard` checks the new layout here and
+spawns ranks (`gridtrain launch --reshard`) that do the work."""
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
-from gridtrain.launcher.errors import UserError
+import yaml
+
+from gridtrain.errors import ConfigError, UserError
+from gridtrain.launcher.config import load_config
+from gridtrain.launcher.run_commands import resolve_device
+from gridtrain.launcher.spawn import NodeSpec, RankFailed, spawn
+from gridtrain.launcher.validate import validate
+from gridtrain.parallel.deepspeed_compat import check_deepspeed_version, checkpoint_file_kind
+from gridtrain.parallel.layout import configured_world_size
+from gridtrain.train.checkpoint.layout_change import reshard_refusal
 from gridtrain.train.checkpoint.manifest import MANIFEST_NAME, STATE_NAME, read_manifest, verify_checkpoint
 from gridtrain.train.checkpoint.store import list_checkpoints, read_latest
 
@@ -33,15 +45,6 @@ def register(subparsers) -> None:
     reshard.set_defaults(handler=reshard_command)
 
 
-def _kind(rel: str) -> str:
-    name = rel.rsplit("/", 1)[-1]
-    if name.endswith("optim_states.pt"):
-        return "optimizer"
-    if name.endswith("model_states.pt"):
-        return "model"
-    return "other"
-
-
 def describe(ckpt: Path, checksums: bool) -> dict:
     """Everything `inspect` shows about one checkpoint, as a JSON-ready dict."""
     info = {"path": str(ckpt), "valid": False, "problems": []}
@@ -52,7 +55,7 @@ def describe(ckpt: Path, checksums: bool) -> dict:
         return info
     sizes = {"model": 0, "optimizer": 0, "other": 0}
     for rel, entry in manifest["files"].items():
-        sizes[_kind(rel)] += entry["size"]
+        sizes[checkpoint_file_kind(rel)] += entry["size"]
     try:
         state = json.loads((ckpt / STATE_NAME).read_text(encoding="utf-8"))["train_state"]
     except (OSError, ValueError, KeyError):
@@ -130,11 +133,6 @@ def reshard_config(path: Path, args) -> dict:
 
 def _validated_layout(config_path: str, device: str):
     """The new layout through the launcher's validation, problems named by this command's flags."""
-    from gridtrain.launcher.config import load_config
-    from gridtrain.launcher.errors import ConfigError
-    from gridtrain.launcher.validate import validate
-    from gridtrain.parallel.layout import configured_world_size
-
     cfg = load_config([config_path])
     try:
         return validate(cfg, configured_world_size(cfg.parallel), device)
@@ -146,16 +144,6 @@ def reshard_command(args) -> int:
     """Spawn the new layout's ranks on this node (the launcher's spawn: `gridtrain launch --reshard`);
     each validates the config, loads its shard of the source through DeepSpeed's universal form and
     saves natively into --out."""
-    import os
-    import tempfile
-
-    import yaml
-
-    from gridtrain.launcher.commands import resolve_device
-    from gridtrain.launcher.spawn import NodeSpec, RankFailed, spawn
-    from gridtrain.parallel.deepspeed_compat import check_deepspeed_version
-    from gridtrain.train.checkpoint.reshard import reshard_refusal
-
     path = Path(args.path)
     if not (path / MANIFEST_NAME).exists():
         raise UserError(f"checkpoint reshard: {str(path)!r} is not a checkpoint (no {MANIFEST_NAME}); pass a step_XXXXXXXX folder")
