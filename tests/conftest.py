@@ -1,25 +1,39 @@
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-# Test helpers (multirank.py) import by plain name under pytest's importlib mode.
+# Test helpers (multirank.py, shared_corpus.py, run_config.py) import by plain name under pytest's
+# importlib mode.
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parent / "data"))  # datatest_corpus
-from datatest_corpus import EXTRA_DOCS, stdlib_docs, write_jsonl  # noqa: E402
+from shared_corpus import Corpus, build_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def text_corpus(tmp_path_factory) -> dict:
-    """{"tokenizer": .model, "prefix": shard prefix}: a gridtrain tokenizer (byte fallback, <eod>)
-    and shards of 40 stdlib files and some non-ASCII text, written by `gridtrain preprocess`."""
-    from gridtrain.data.preprocess import PreprocessOptions, preprocess
-    from gridtrain.data.tokenizer_train import train_tokenizer
+def corpus(tmp_path_factory) -> Corpus:
+    """The session's one corpus, tokenizer and shards (tests/shared_corpus.py)."""
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
 
-    root = tmp_path_factory.mktemp("text-corpus")
-    jsonl = write_jsonl(root / "corpus.jsonl", stdlib_docs(40) + EXTRA_DOCS)
-    model = train_tokenizer([jsonl], 600, str(root / "tok"), threads=1)["model"]
-    prefix = str(root / "corpus")
-    preprocess(PreprocessOptions(inputs=(jsonl,), tokenizer=model, output_prefix=prefix), open(os.devnull, "w"))
-    return {"tokenizer": model, "prefix": prefix}
+
+@pytest.fixture(scope="session")
+def text_corpus(corpus) -> dict:
+    """{"tokenizer", "prefix"}: real text (standard-library sources and non-ASCII documents)."""
+    return corpus.data(corpus.text)
+
+
+@pytest.fixture(scope="session")
+def sentences_corpus(corpus) -> dict:
+    """{"tokenizer", "prefix"}: short repetitive documents a tiny model learns within tens of steps."""
+    return corpus.data(corpus.sentences)
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizers(corpus, tmp_path_factory) -> dict:
+    """family -> Hugging Face tokenizer folder (tests/hf_tokenizers.py): gpt2, llama3, qwen2, smollm2:
+    byte-level BPEs trained on the session corpus."""
+    from hf_tokenizers import FAMILIES, save_folder
+    from shared_corpus import sentence_docs
+
+    root = tmp_path_factory.mktemp("hf-tokenizers")
+    texts = corpus.text_docs + sentence_docs()
+    return {family: save_folder(family, texts, root / family) for family in FAMILIES}

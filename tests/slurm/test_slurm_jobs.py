@@ -17,39 +17,23 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_corpus import build_tiny_corpus
+from run_config import sections, write_yaml
 
 GRIDTRAIN = [sys.executable, "-m", "gridtrain.launcher.cli"]
-WORDS = "the quick brown fox jumps over the lazy dog while seven cats sleep on a warm red roof".split()
 STEPS = 60
 BATCH = 4
+# One Slurm cluster per test session (fixed ports): with pytest-xdist these tests share one worker
+# (`--dist loadfile` keeps a file together; the group says why, whatever the mode).
+pytestmark = pytest.mark.xdist_group("slurm")
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    import random
-
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(200)]
-    return build_tiny_corpus(tmp_path_factory.mktemp("corpus"), docs, vocab_size=100)
-
-
-def write_config(root: Path, corpus: dict, name: str, steps: int = STEPS, interval: int = 10) -> tuple[Path, Path]:
+def write_config(root: Path, data: dict, name: str, steps: int = STEPS, interval: int = 10) -> tuple[Path, Path]:
     """TP=2 on 2 ranks (one per node), checkpoints every `interval` steps; ~70 ms a step here."""
     run_dir = root / name
-    config = root / f"{name}.yaml"
-    config.write_text(f"""
-model: {{family: llama, vocab_size: 128, hidden_size: 64, num_layers: 2, num_attention_heads: 4,
-        num_kv_heads: 2, ffn_hidden_size: 128, max_seq_len: 64}}
-parallel: {{tensor_parallel: 2, zero_stage: 1}}
-data: {{blend: [[1.0, {corpus['prefix']}]], split: "90,10,0", seq_length: 64, tokenizer: {corpus['tokenizer']}}}
-optim: {{lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 2}}
-train: {{steps: {steps}, global_batch_size: {BATCH}, micro_batch_size: 2, run_dir: {run_dir}, eval_interval: 0}}
-checkpoint: {{interval_steps: {interval}}}
-logging: {{tensorboard: false}}
-""")
-    return config, run_dir
+    config = sections(data, run_dir, parallel={"tensor_parallel": 2}, train={"steps": steps, "global_batch_size": BATCH},
+                      checkpoint={"interval_steps": interval})
+    return write_yaml(root / f"{name}.yaml", config), run_dir
 
 
 def submit(cluster, config: Path, *flags: str) -> list[str]:
@@ -127,9 +111,9 @@ def log_of(run_dir: Path, job_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(slurm_cluster, corpus, tmp_path_factory) -> dict:
+def uninterrupted(slurm_cluster, sentences_corpus, tmp_path_factory) -> dict:
     """One submitted job trained start to end: the reference every interrupted run must equal."""
-    config, run_dir = write_config(tmp_path_factory.mktemp("runs"), corpus, "whole")
+    config, run_dir = write_config(tmp_path_factory.mktemp("runs"), sentences_corpus, "whole")
     [job_id] = submit(slurm_cluster, config)
     return {"config": config, "run_dir": run_dir, "id": job_id, "job": wait_ended(slurm_cluster, job_id)}
 
@@ -236,11 +220,11 @@ def test_job_end_requeues_array_tasks_by_task_id_and_reports_failures(slurm_clus
 
 
 def test_preemption_requeues_resumes_and_the_cap_ends_the_job_then_the_chain_finishes(
-        slurm_cluster, corpus, uninterrupted, tmp_path):
+        slurm_cluster, sentences_corpus, uninterrupted, tmp_path):
     """Job 1 of `--chain 2 --max-requeues 1`: USR1 -> save, exit 75, requeue, resume; USR1 again ->
     save, exit 75, the cap is reached, the job fails with 75. Job 2 (afterany) resumes and
     finishes. Every step is trained exactly once and its loss equals the uninterrupted run's."""
-    config, run_dir = write_config(tmp_path, corpus, "preempted")
+    config, run_dir = write_config(tmp_path, sentences_corpus, "preempted")
     first, second = submit(slurm_cluster, config, "--chain", "2", "--max-requeues", "1")
     assert slurm_cluster.job(second)["Dependency"].startswith(f"afterany:{first}")
 
@@ -276,7 +260,7 @@ def test_preemption_requeues_resumes_and_the_cap_ends_the_job_then_the_chain_fin
     assert records[5]["loss"] != records[6]["loss"]  # losses differ per step: equality means something
 
 
-def test_chain_goes_on_when_the_first_job_reaches_its_time_limit(slurm_cluster, corpus, uninterrupted, tmp_path):
+def test_chain_goes_on_when_the_first_job_reaches_its_time_limit(slurm_cluster, sentences_corpus, uninterrupted, tmp_path):
     """`--chain 2 --time 1 --signal-grace 50 --max-requeues 0`, and nobody signals the job: Slurm's
     own warning (USR1, 50 s before the 1-minute limit) stops job 1 with a checkpoint, it is not
     requeued, and job 2 resumes and finishes; every step once.
@@ -291,7 +275,7 @@ def test_chain_goes_on_when_the_first_job_reaches_its_time_limit(slurm_cluster, 
     # ~55 s of training: the ranks train from ~10 s into the job, so the run outlasts the warning's
     # latest moment (40 s) even if this machine runs 1.4x faster now than in the reference job.
     steps = max(200, round(55 / step_s))
-    config, run_dir = write_config(tmp_path, corpus, "time-limit", steps=steps, interval=100)
+    config, run_dir = write_config(tmp_path, sentences_corpus, "time-limit", steps=steps, interval=100)
     first, second = submit(slurm_cluster, config, "--chain", "2", "--time", "1", "--signal-grace", "50",
                            "--max-requeues", "0")
     slurm_cluster.run("scontrol", "update", f"JobId={second}", "TimeLimit=10")

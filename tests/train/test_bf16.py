@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from multirank import launch
+from run_config import sections, write_json
 
 WORKER = Path(__file__).with_name("run_worker.py")
 STEPS = 30
@@ -13,18 +14,10 @@ CURVE_RTOL = 0.02
 
 def curve(root: Path, corpus: dict, dtype: str) -> list[float]:
     run_dir = root / dtype
-    sections = {
-        "model": {"family": "llama", "vocab_size": 640, "hidden_size": 128, "num_layers": 2, "num_attention_heads": 4,
-                  "num_kv_heads": 2, "max_seq_len": 64},
-        "parallel": {"zero_stage": 1},
-        "data": {"blend": [[1.0, corpus["prefix"]]], "split": "95,5,0", "seq_length": 64, "tokenizer": corpus["tokenizer"]},
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 3},
-        "train": {"steps": STEPS, "global_batch_size": 8, "micro_batch_size": 2, "run_dir": str(run_dir),
-                  "eval_interval": 0, "dtype": dtype},
-        "checkpoint": {"interval_steps": 0},
-        "logging": {"tensorboard": False},
-    }
-    (root / f"{dtype}.json").write_text(json.dumps(sections))
+    config = sections(corpus, run_dir, model={"hidden_size": 128, "ffn_hidden_size": None},
+                      parallel={"zero_stage": 1}, data={"split": "95,5,0"}, optim={"warmup_steps": 3},
+                      train={"steps": STEPS, "global_batch_size": 8, "dtype": dtype})
+    write_json(root / f"{dtype}.json", config)
     launch(WORKER, 2, [root / f"{dtype}.json"], timeout=300)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if r["kind"] == "train"]

@@ -1,54 +1,27 @@
 """A tiny llama learns a repetitive synthetic corpus through gridtrain.train.loop.run on 2 ranks,
 and with lr=0 (negative control) it does not."""
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 from multirank import launch
-from tiny_corpus import build_tiny_corpus
+from run_config import sections, write_json
 
 WORKER = Path(__file__).with_name("run_worker.py")
-SENTENCES = [
-    "the quick brown fox jumps over the lazy dog.",
-    "a small model learns to repeat what it has seen.",
-    "rain falls on the green hills every spring.",
-    "seven cats sleep on the warm red roof.",
-]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    """A SentencePiece tokenizer and Megatron shards of 300 documents, each the four sentences from
-    a random starting point: nearly every next token is predictable once the order is learned."""
-    rng = random.Random(0)
-    docs = []
-    for _ in range(300):
-        start = rng.randrange(len(SENTENCES))
-        docs.append(" ".join(SENTENCES[(start + i) % len(SENTENCES)] for i in range(len(SENTENCES))))
-    return build_tiny_corpus(tmp_path_factory.mktemp("corpus"), docs, vocab_size=100)
-
-
-def sections(corpus: dict, run_dir: Path, lr: float, steps: int, **parallel) -> dict:
-    return {
-        "model": {"family": "llama", "vocab_size": 128, "hidden_size": 64, "num_layers": 2,
-                  "num_attention_heads": 4, "num_kv_heads": 2, "ffn_hidden_size": 128, "max_seq_len": 64},
-        "parallel": {"tensor_parallel": 1, "pipeline_parallel": 1, "zero_stage": 1, **parallel},
-        "data": {"blend": [[1.0, corpus["prefix"]]], "split": "90,10,0", "seq_length": 64,
-                 "tokenizer": corpus["tokenizer"]},
-        "optim": {"lr": lr, "min_lr": lr / 10, "warmup_steps": 5, "weight_decay": 0.0},
-        "train": {"steps": steps, "global_batch_size": 8, "micro_batch_size": 2, "run_dir": str(run_dir),
-                  "eval_interval": 20, "eval_steps": 2},
-        "checkpoint": {"interval_steps": 0},
-    }
+def config_of(data: dict, run_dir: Path, lr: float, steps: int, **parallel) -> dict:
+    return sections(data, run_dir, parallel=parallel, optim={"lr": lr, "min_lr": lr / 10, "warmup_steps": 5,
+                                                            "weight_decay": 0.0},
+                    train={"steps": steps, "global_batch_size": 8, "eval_interval": 20, "eval_steps": 2},
+                    logging={"tensorboard": True})
 
 
 def run_training(root: Path, corpus: dict, lr: float, steps: int, nproc: int, **parallel) -> tuple[list, list, str]:
     """Train through the loop on `nproc` ranks; (train records, eval records, console output)."""
     run_dir = root / "run"
-    config = root / "config.json"
-    config.write_text(json.dumps(sections(corpus, run_dir, lr, steps, **parallel)))
+    config = write_json(root / "config.json", config_of(corpus, run_dir, lr, steps, **parallel))
     proc = launch(WORKER, nproc, [config], timeout=240)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
@@ -58,9 +31,9 @@ def run_training(root: Path, corpus: dict, lr: float, steps: int, nproc: int, **
 
 
 @pytest.fixture(scope="module")
-def dp2_run(tmp_path_factory, corpus) -> tuple[list, list, str]:
+def dp2_run(tmp_path_factory, sentences_corpus) -> tuple[list, list, str]:
     """40 steps on 2 ranks, DP=2 with ZeRO-1 (the demo's layout)."""
-    return run_training(tmp_path_factory.mktemp("dp2"), corpus, lr=3e-3, steps=40, nproc=2)
+    return run_training(tmp_path_factory.mktemp("dp2"), sentences_corpus, lr=3e-3, steps=40, nproc=2)
 
 
 def test_tiny_llama_learns_on_two_ranks(dp2_run):
@@ -75,10 +48,10 @@ def test_tiny_llama_learns_on_two_ranks(dp2_run):
     assert "done: 40 steps" in stdout and "peak FLOP/s for MFU" in stdout
 
 
-def test_pipeline_layout_gives_the_same_training_and_validation_losses(tmp_path, corpus, dp2_run):
+def test_pipeline_layout_gives_the_same_training_and_validation_losses(tmp_path, sentences_corpus, dp2_run):
     # The same global batches at PP=2 (DP=1): the loop hands each layout the same samples and
     # validates on the same fixed set, so every train and validation loss matches the DP=2 run.
-    train, evals, _ = run_training(tmp_path, corpus, lr=3e-3, steps=40, nproc=2, pipeline_parallel=2)
+    train, evals, _ = run_training(tmp_path, sentences_corpus, lr=3e-3, steps=40, nproc=2, pipeline_parallel=2)
     ref_train, ref_evals, _ = dp2_run
     losses = [r["loss"] for r in train] + [r["val_loss"] for r in evals]
     ref = [r["loss"] for r in ref_train] + [r["val_loss"] for r in ref_evals]
@@ -88,21 +61,20 @@ def test_pipeline_layout_gives_the_same_training_and_validation_losses(tmp_path,
     assert min(abs(a - b) / b for a, b in zip(ref[1:40], ref[:39])) > 1e-3
 
 
-def test_lr_zero_does_not_learn(tmp_path, corpus):
+def test_lr_zero_does_not_learn(tmp_path, sentences_corpus):
     # Negative control for the learning test: the same model, data and schedule with no updates
     # (1 rank, fewer steps, to save time) keeps its starting loss.
-    train, _, _ = run_training(tmp_path, corpus, lr=0.0, steps=12, nproc=1)
+    train, _, _ = run_training(tmp_path, sentences_corpus, lr=0.0, steps=12, nproc=1)
     first, last = train[0]["loss"], train[-1]["loss"]
     assert last > 0.9 * first, (first, last)
 
 
-def test_non_finite_loss_stops_all_ranks_with_a_clear_error(tmp_path, corpus):
+def test_non_finite_loss_stops_all_ranks_with_a_clear_error(tmp_path, sentences_corpus):
     # lr=inf turns weights into inf/nan at the first update, so step 2's loss is nan on both ranks;
     # both must raise the same error at the same step (a rank left waiting would hang the launch).
-    cfg = sections(corpus, tmp_path / "run", lr=float("inf"), steps=4)
+    cfg = config_of(sentences_corpus, tmp_path / "run", lr=float("inf"), steps=4)
     cfg["optim"]["warmup_steps"] = 0
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(cfg))
+    config = write_json(tmp_path / "config.json", cfg)
     with pytest.raises(AssertionError) as failed:
         launch(WORKER, 2, [config], timeout=120)
     text = str(failed.value)

@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 from multirank import launch
+from run_config import sections, write_json
 
 WORKER = Path(__file__).with_name("run_worker.py")
 
@@ -50,26 +51,14 @@ def run_config_of(run_file: Path) -> dict:
 
 def test_offline_wandb_logs_the_metrics_and_resumes_the_same_run(tmp_path, text_corpus):
     run_dir = tmp_path / "run"
-    sections = {
-        "model": {"family": "llama", "vocab_size": 640, "hidden_size": 64, "num_layers": 2, "num_attention_heads": 4,
-                  "max_seq_len": 64},
-        "parallel": {"zero_stage": 1},
-        "data": {"blend": [[1.0, text_corpus["prefix"]]], "split": "90,10,0", "seq_length": 64,
-                 "tokenizer": text_corpus["tokenizer"]},
-        "optim": {"lr": 3e-3, "warmup_steps": 1},
-        "train": {"steps": 3, "global_batch_size": 4, "micro_batch_size": 2, "run_dir": str(run_dir),
-                  "eval_interval": 2, "eval_steps": 1},
-        "checkpoint": {"interval_steps": 3},
-        "logging": {"tensorboard": False, "wandb_project": "gridtrain-test", "wandb_mode": "offline",
-                    "wandb_tags": ["ci", "offline"]},
-    }
+    config = sections(text_corpus, run_dir, model={"num_kv_heads": None, "ffn_hidden_size": None},
+                      optim={"warmup_steps": 1}, train={"eval_interval": 2, "eval_steps": 1},
+                      checkpoint={"interval_steps": 3},
+                      logging={"wandb_project": "gridtrain-test", "wandb_mode": "offline", "wandb_tags": ["ci", "offline"]})
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
-    config = tmp_path / "run.json"
-    config.write_text(json.dumps(sections))
-    launch(WORKER, 1, [config], timeout=240, env=env)
-    sections["train"]["steps"] = 5  # restarted with a longer schedule: resumes step 3's checkpoint
-    config.write_text(json.dumps(sections))
-    launch(WORKER, 1, [config], timeout=240, env=env)
+    launch(WORKER, 1, [write_json(tmp_path / "run.json", config)], timeout=240, env=env)
+    config["train"]["steps"] = 5  # restarted with a longer schedule: resumes step 3's checkpoint
+    launch(WORKER, 1, [write_json(tmp_path / "run.json", config)], timeout=240, env=env)
 
     run_id = (run_dir / "wandb-run-id").read_text().strip()
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -4,7 +4,6 @@ and restarted produces bit-identical per-step losses and grad norms to the unint
 consumes exactly the same global samples, none skipped or repeated."""
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,43 +12,25 @@ from pathlib import Path
 
 import pytest
 from multirank import free_port, launch
-from tiny_corpus import build_tiny_corpus
+from run_config import sections, write_json
 
 WORKER = Path(__file__).parent / "workers" / "run_loop.py"
-SENTENCES = ["the quick brown fox jumps over the lazy dog.", "seven cats sleep on the warm red roof.",
-             "rain falls on the green hills every spring.", "a small model learns what it has seen."]
 STEPS, GLOBAL_BATCH = 10, 8
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict:
-    """A SentencePiece tokenizer and Megatron shards of 200 short documents."""
-    rng = random.Random(1)
-    docs = [" ".join(rng.sample(SENTENCES, 3)) for _ in range(200)]
-    return build_tiny_corpus(tmp_path_factory.mktemp("ckpt-corpus"), docs, vocab_size=90)
-
-
-def write_config(tmp_path: Path, corpus: dict, name: str, tp: int, pp: int, zero: int,
+def write_config(tmp_path: Path, data: dict, name: str, tp: int, pp: int, zero: int,
                  steps: int = STEPS, interval: int = 2, resume: str = "auto", dtype: str = "fp32",
                  async_save: bool = False) -> tuple[Path, Path]:
     """Config of a tiny llama run; checkpoints every `interval` steps, keeping the last 2 and every
     4th step (the reshard test starts from step 4 of the DP=2 reference)."""
     run_dir = tmp_path / name
-    sections = {
-        "model": {"family": "llama", "vocab_size": 96, "hidden_size": 64, "num_layers": 2,
-                  "num_attention_heads": 4, "num_kv_heads": 2, "ffn_hidden_size": 128, "max_seq_len": 32},
-        "parallel": {"tensor_parallel": tp, "pipeline_parallel": pp, "zero_stage": zero},
-        "data": {"blend": [[1.0, corpus["prefix"]]], "split": "90,10,0", "seq_length": 32,
-                 "tokenizer": corpus["tokenizer"]},
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "weight_decay": 0.01},
-        "train": {"steps": steps, "global_batch_size": GLOBAL_BATCH, "micro_batch_size": 2,
-                  "run_dir": str(run_dir), "eval_interval": 0, "eval_steps": 1, "resume": resume, "dtype": dtype},
-        "checkpoint": {"interval_steps": interval, "keep_last": 2, "keep_every": 4, "async_save": async_save},
-        "logging": {"tensorboard": False},
-    }
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(sections))
-    return path, run_dir
+    config = sections(
+        data, run_dir, model={"max_seq_len": 32},
+        parallel={"tensor_parallel": tp, "pipeline_parallel": pp, "zero_stage": zero},
+        data={"seq_length": 32}, optim={"weight_decay": 0.01},
+        train={"steps": steps, "global_batch_size": GLOBAL_BATCH, "eval_steps": 1, "resume": resume, "dtype": dtype},
+        checkpoint={"interval_steps": interval, "keep_last": 2, "keep_every": 4, "async_save": async_save})
+    return write_json(tmp_path / f"{name}.json", config), run_dir
 
 
 def start(config: Path, nproc: int, env: dict | None = None) -> subprocess.Popen:
@@ -140,10 +121,10 @@ def check_same_as_reference(ref_dir: Path, run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_tp2_pp2_sigkill_and_restart_is_bit_identical(tmp_path, corpus, dtype):
-    ref_cfg, ref_dir = write_config(tmp_path, corpus, "ref", tp=2, pp=2, zero=1, dtype=dtype)
+def test_tp2_pp2_sigkill_and_restart_is_bit_identical(tmp_path, sentences_corpus, dtype):
+    ref_cfg, ref_dir = write_config(tmp_path, sentences_corpus, "ref", tp=2, pp=2, zero=1, dtype=dtype)
     launch(WORKER, 4, [ref_cfg], timeout=300)
-    cfg, run_dir = write_config(tmp_path, corpus, "killed", tp=2, pp=2, zero=1, dtype=dtype)
+    cfg, run_dir = write_config(tmp_path, sentences_corpus, "killed", tp=2, pp=2, zero=1, dtype=dtype)
     proc = start(cfg, 4)
     wait_for_step(proc, run_dir, 5)
     kill_run(proc)
@@ -167,16 +148,16 @@ def resumed_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def dp2_reference(tmp_path_factory, corpus) -> Path:
+def dp2_reference(tmp_path_factory, sentences_corpus) -> Path:
     """The uninterrupted DP=2 ZeRO-2 run, shared by the stop/kill test and the reshard test."""
-    ref_cfg, ref_dir = write_config(tmp_path_factory.mktemp("dp2-ref"), corpus, "ref", tp=1, pp=1, zero=2)
+    ref_cfg, ref_dir = write_config(tmp_path_factory.mktemp("dp2-ref"), sentences_corpus, "ref", tp=1, pp=1, zero=2)
     launch(WORKER, 2, [ref_cfg], timeout=300)
     return ref_dir
 
 
-def test_dp2_zero2_signal_on_one_rank_then_sigkill_then_finish(tmp_path, corpus, dp2_reference):
+def test_dp2_zero2_signal_on_one_rank_then_sigkill_then_finish(tmp_path, sentences_corpus, dp2_reference):
     ref_dir = dp2_reference
-    cfg, run_dir = write_config(tmp_path, corpus, "stopped", tp=1, pp=1, zero=2)
+    cfg, run_dir = write_config(tmp_path, sentences_corpus, "stopped", tp=1, pp=1, zero=2)
     proc = start(cfg, 2)
     wait_for_step(proc, run_dir, 3)
     os.kill(workers_of(proc)[-1], signal.SIGUSR1)  # reaches one rank only
@@ -197,12 +178,12 @@ def checkpoint_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "checkpoint"]
 
 
-def test_dp2_zero2_async_saves_killed_mid_write_then_finish(tmp_path, corpus, dp2_reference):
+def test_dp2_zero2_async_saves_killed_mid_write_then_finish(tmp_path, sentences_corpus, dp2_reference):
     """checkpoint.async_save with a throttled disk: SIGKILL while step 4 is being written in the
     background leaves step 2 as the newest checkpoint (the half-written one is never resumed);
     the restarted run (throttled too) trains while its saves are written, never overlaps two
     saves, publishes the save in flight before the end, and matches the synchronous reference."""
-    cfg, run_dir = write_config(tmp_path, corpus, "async", tp=1, pp=1, zero=2, async_save=True)
+    cfg, run_dir = write_config(tmp_path, sentences_corpus, "async", tp=1, pp=1, zero=2, async_save=True)
     slow = {"GRIDTRAIN_TEST_WRITE_DELAY": "0.05"}  # ~6 s per save
     proc = start(cfg, 2, env=slow)
     wait_for_step(proc, run_dir, 5)
@@ -225,14 +206,14 @@ def test_dp2_zero2_async_saves_killed_mid_write_then_finish(tmp_path, corpus, dp
     assert not list(ckpts.glob(".tmp-*"))
 
 
-def test_reshard_dp2_to_tp2_and_to_pp2_continues_the_losses(tmp_path, corpus, dp2_reference):
+def test_reshard_dp2_to_tp2_and_to_pp2_continues_the_losses(tmp_path, sentences_corpus, dp2_reference):
     """The DP=2 ZeRO-2 checkpoint of step 4 resumed at TP=2 (ZeRO-2) and at PP=2 (ZeRO-1), so
     DP=1: no offline step, the data position carries over, and the next losses match continuing
     under the old layout within fp32 tolerance (reductions run in another order), while
     consecutive losses differ far more than that tolerance."""
     source = dp2_reference / "checkpoints" / "step_00000004"
     for name, tp, pp, zero in (("tp2", 2, 1, 2), ("pp2", 1, 2, 1)):
-        cfg, run_dir = write_config(tmp_path, corpus, name, tp=tp, pp=pp, zero=zero, resume=str(source))
+        cfg, run_dir = write_config(tmp_path, sentences_corpus, name, tp=tp, pp=pp, zero=zero, resume=str(source))
         proc = launch(WORKER, 2, [cfg], timeout=300)
         check_resharded_run(dp2_reference, run_dir, proc, f"DP2 ZeRO-2 -> {name}", STEPS)
     check_reshard_command(tmp_path, source)
@@ -264,7 +245,7 @@ def check_reshard_command(tmp_path: Path, source: Path) -> None:
     assert sorted(layers) == sorted(weights)
     assert all(torch.equal(layers[k], weights[k]) for k in weights)
     bad = subprocess.run(cli + ["reshard", str(source), "--tp", "1", "--pp", "2", "--dp", "1", "--zero", "2",
-                                "--out", str(out)], capture_output=True, text=True, timeout=60)
+                                "--out", str(tmp_path / "zero2")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--zero=2" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -287,7 +268,7 @@ def check_resharded_run(ref_dir: Path, run_dir: Path, proc, what: str, steps: in
         assert union == {i for stream in ref_streams.values() for i in stream[4 + index]}
 
 
-def test_reshard_zero3_dp2_to_dp1_continues_the_losses_and_other_targets_are_refused(tmp_path, corpus):
+def test_reshard_zero3_dp2_to_dp1_continues_the_losses_and_other_targets_are_refused(tmp_path, sentences_corpus):
     """A DP=2 ZeRO-3 checkpoint resumed at DP=1 ZeRO-3 continues the losses. Without the repair of
     DeepSpeed's ZeRO-3 universal load (parallel.deepspeed_compat._repair_zero3_universal_load) the worst
     relative loss error was 3.6e-3 (out from step 6); with only the weight-decay half of it, 3.6e-3;
@@ -299,14 +280,14 @@ def test_reshard_zero3_dp2_to_dp1_continues_the_losses_and_other_targets_are_ref
     from gridtrain.train.checkpoint.store import CheckpointError
     from gridtrain.train.loop import build_checkpointer
 
-    ref_cfg, ref_dir = write_config(tmp_path, corpus, "ref", tp=1, pp=1, zero=3)
+    ref_cfg, ref_dir = write_config(tmp_path, sentences_corpus, "ref", tp=1, pp=1, zero=3)
     launch(WORKER, 2, [ref_cfg], timeout=300)
     source = ref_dir / "checkpoints" / "step_00000004"
-    cfg, run_dir = write_config(tmp_path, corpus, "dp1", tp=1, pp=1, zero=3, resume=str(source))
+    cfg, run_dir = write_config(tmp_path, sentences_corpus, "dp1", tp=1, pp=1, zero=3, resume=str(source))
     check_resharded_run(ref_dir, run_dir, launch(WORKER, 1, [cfg], timeout=300), "DP2 ZeRO-3 -> DP1 ZeRO-3", STEPS)
 
     for name, tp, zero, expected in (("zero1", 1, 1, "parallel.zero_stage=1"), ("tp2", 2, 3, "parallel.tensor_parallel=2")):
-        cfg, _ = write_config(tmp_path, corpus, name, tp=tp, pp=1, zero=zero, resume=str(source))
+        cfg, _ = write_config(tmp_path, sentences_corpus, name, tp=tp, pp=1, zero=zero, resume=str(source))
         run_cfg = load_config([str(cfg)])
         layout = Layout(tp=tp, pp=1, dp=1, zero_stage=zero, micro_batch_size=2, global_batch_size=GLOBAL_BATCH)
         with pytest.raises(CheckpointError) as refused:  # refused before the engine is used
