@@ -1,15 +1,18 @@
-"""The preprocessing worker: raw chunk bytes -> token ids + EOD per document, with bad records
-counted. Runs in pool processes (or in-process for --workers 1); the SentencePiece model is
-loaded once per process."""
+"""The preprocessing worker: raw chunk bytes -> token ids per document (BOS where the tokenizer
+adds one, the text, EOD), with bad records counted. Runs in pool processes; the tokenizer
+(gridtrain.data.tokenizer, any kind) is loaded once per process and encodes a chunk's documents in
+one batch."""
 import json
+import os
 import re
+import signal
 from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
-import sentencepiece as spm
 
 from gridtrain.data.readers import Chunk
+from gridtrain.data.tokenizer import load_tokenizer
 
 # Bad-record locations kept per reason for the report; counts are always complete.
 KEEP_LOCATIONS = 5
@@ -29,18 +32,27 @@ class EncodedChunk:
 
 @dataclass(frozen=True)
 class EncodeSettings:
-    model_path: str
+    tokenizer: str  # path, as gridtrain.data.tokenizer.load_tokenizer takes it
     json_key: str
-    eod: int
     dtype: str  # numpy dtype name of the shard tokens
 
 
-_processor = None
+_tokenizer = None
+_failed: Exception | None = None
 
 
-def init_worker(model_path: str) -> None:
-    global _processor
-    _processor = spm.SentencePieceProcessor(model_file=model_path)
+def init_worker(tokenizer_path: str) -> None:
+    """Load the tokenizer once per worker. A failure is kept and raised by the first task: an
+    initializer that raises makes multiprocessing.Pool start a new worker, forever."""
+    global _tokenizer, _failed
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    # A forked worker inherits its parent's handlers; one that only records SIGTERM (a rank's
+    # catch_early, run earlier in the same process) would make Pool.terminate() wait forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        _tokenizer = load_tokenizer(tokenizer_path)
+    except Exception as exc:  # noqa: BLE001 - handed to the task, which reports it
+        _failed = exc
 
 
 def note_bad(bad: dict, reason: str, chunk: Chunk, line: int) -> None:
@@ -116,16 +128,16 @@ def parse_text(chunk: Chunk, bad: dict) -> tuple[list[str], int]:
 
 
 def encode_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
+    if _failed is not None:
+        raise _failed
     bad = {}
     if chunk.kind == "jsonl":
         texts, records = parse_jsonl(chunk, settings.json_key, bad)
     else:
         texts, records = parse_text(chunk, bad)
-    # One thread: parallelism comes from the worker processes.
-    ids = _processor.encode(texts, out_type=int, num_threads=1) if texts else []
-    eod = (settings.eod,)
-    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter(
-        chain.from_iterable(chain(doc, eod) for doc in ids), dtype=settings.dtype, count=int(lengths.sum()),
-    )
+    # One thread per worker (TOKENIZERS_PARALLELISM=false for HF tokenizers, num_threads=1 for
+    # SentencePiece): parallelism comes from the worker processes.
+    docs = _tokenizer.documents(texts)
+    lengths = np.fromiter((len(doc) for doc in docs), dtype=np.int64, count=len(docs))
+    tokens = np.fromiter(chain.from_iterable(docs), dtype=settings.dtype, count=int(lengths.sum()))
     return EncodedChunk(tokens, lengths, records, len(chunk.data), bad)

@@ -9,14 +9,15 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, TextIO
 
 from gridtrain.data import encode, readers
-from gridtrain.data.shards import ShardWriter, import_builder, shard_prefix, token_dtype
-from gridtrain.data.spm_model import load_processor, special_ids
+from gridtrain.data.shards import ShardWriter, check_shard_output, import_builder, shard_prefix, token_dtype
+from gridtrain.data.tokenizer import load_tokenizer
 from gridtrain.errors import UserError
 
 IN_FLIGHT_PER_WORKER = 4
@@ -36,6 +37,7 @@ class PreprocessOptions:
     part: Optional[str] = None
     txt_mode: str = "file"  # "file": one document per file; "blocks": blank-line separated
     max_bad_fraction: float = 0.01
+    force: bool = False  # replace a previous output of this prefix (shards and summary only)
 
 
 # Empty (or whitespace-only) documents are skipped and counted, not errors: a corpus of source files
@@ -97,9 +99,15 @@ class Progress:
 @contextlib.contextmanager
 def encoding_pool(settings: encode.EncodeSettings, workers: int):
     """The worker processes; even one worker is a process of its own, so the writer's import
-    (see import_writer) runs beside it."""
-    context = multiprocessing.get_context("fork")
-    with context.Pool(workers, initializer=encode.init_worker, initargs=(settings.model_path,)) as pool:
+    (see import_writer) runs beside it. Forked from this process (cheap) when it runs no other
+    thread; else started by a fork server: a fork copies the locks other threads hold, and a worker
+    then waits on one forever (seen: preprocess called inside a pytest-xdist worker hung)."""
+    if threading.active_count() == 1:
+        context = multiprocessing.get_context("fork")
+    else:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["gridtrain.data.encode"])
+    with context.Pool(workers, initializer=encode.init_worker, initargs=(settings.tokenizer,)) as pool:
         yield pool
 
 
@@ -133,16 +141,16 @@ def import_writer() -> None:
 def preprocess(opts: PreprocessOptions, stream: TextIO = sys.stderr) -> dict:
     """Run one preprocessing job; returns the summary (also written as PREFIX.summary.json)."""
     check_options(opts)
-    processor = load_processor(opts.tokenizer)
-    eod = special_ids(processor)["eod"]
-    if eod < 0:
-        raise UserError(f"--tokenizer={opts.tokenizer!r}: the model has neither <eod> nor eos; "
-                        "documents could not be separated")
+    replaced = check_shard_output(opts.output_prefix, opts.part, opts.force)
+    try:
+        tokenizer = load_tokenizer(opts.tokenizer)  # a missing or broken one, or one without an eod
+    except UserError as exc:
+        raise UserError(f"--{exc}") from None
     files = readers.expand_inputs(list(opts.inputs))
     if opts.part:
         files = readers.select_part(files, opts.part)
-    dtype = token_dtype(processor.GetPieceSize())
-    settings = encode.EncodeSettings(os.path.abspath(opts.tokenizer), opts.json_key, eod, dtype.__name__)
+    dtype = token_dtype(tokenizer.vocab_size)
+    settings = encode.EncodeSettings(os.path.abspath(opts.tokenizer), opts.json_key, dtype.__name__)
     writer = ShardWriter(opts.output_prefix, dtype, opts.shard_size_tokens, opts.part)
     totals, started = Totals(), time.perf_counter()
     progress = Progress(sum(os.path.getsize(f) for f in files), stream)
@@ -161,7 +169,17 @@ def preprocess(opts: PreprocessOptions, stream: TextIO = sys.stderr) -> dict:
         raise
     summary = build_summary(opts, files, totals, shards, dtype, time.perf_counter() - started)
     write_summary(summary, shard_prefix(opts.output_prefix, opts.part, None) + ".summary.json")
+    remove_outdated(replaced, shards)
     return summary
+
+
+def remove_outdated(replaced: list, shards: list) -> None:
+    """Previous shards of the prefix this run did not write again (it wrote fewer numbered shards),
+    which would otherwise look like part of the new output: --force asked to replace them."""
+    written = {prefix + suffix for prefix, _, _ in shards for suffix in (".bin", ".idx")}
+    for path in replaced:
+        if path.suffix in (".bin", ".idx") and str(path) not in written:
+            path.unlink(missing_ok=True)
 
 
 def check_options(opts: PreprocessOptions) -> None:
@@ -174,6 +192,8 @@ def check_options(opts: PreprocessOptions) -> None:
         problems.append(f"--max-bad-fraction={opts.max_bad_fraction}: use a fraction in [0, 1]")
     if opts.txt_mode not in ("file", "blocks"):
         problems.append(f"--txt-mode={opts.txt_mode!r}: use file or blocks")
+    if opts.part is not None:
+        readers.parse_part(opts.part)
     if problems:
         raise UserError("; ".join(problems))
 

@@ -53,14 +53,20 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return sorted(files)
 
 
-def select_part(files: list[str], part: str) -> list[str]:
-    """--part i/n: the i-th (0-based) of n contiguous slices of the sorted file list."""
+def parse_part(part: str) -> tuple[int, int]:
+    """(i, n) of --part i/n, or one line saying how to write it."""
     try:
         index, count = (int(x) for x in part.split("/"))
         if not 0 <= index < count:
             raise ValueError
     except ValueError:
         raise UserError(f"--part={part!r}: write i/n with 0 <= i < n, e.g. 0/4") from None
+    return index, count
+
+
+def select_part(files: list[str], part: str) -> list[str]:
+    """--part i/n: the i-th (0-based) of n contiguous slices of the sorted file list."""
+    index, count = parse_part(part)
     return files[len(files) * index // count: len(files) * (index + 1) // count]
 
 

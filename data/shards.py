@@ -8,11 +8,18 @@ import importlib
 import importlib.util
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from gridtrain.errors import UserError
+from gridtrain.outputs import creatable
+
 PARTIAL = ".partial"
+# The first bytes of every .idx megatron-core's IndexedDatasetBuilder writes (indexed_dataset.py,
+# _INDEX_HEADER in 0.16.1): how `preprocess --force` knows a previous output from anything else.
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -28,6 +35,34 @@ def shard_prefix(output_prefix: str, part: Optional[str], shard: Optional[int]) 
     if shard is not None:
         prefix += f"_{shard:05d}"
     return prefix
+
+
+def existing_outputs(output_prefix: str, part: Optional[str]) -> list[Path]:
+    """The files a preprocess run of this prefix (and part) would write that already exist: the
+    shard pair, numbered shard pairs (--shard-size-tokens) and the summary."""
+    base = Path(shard_prefix(output_prefix, part, None))
+    found = [base.with_name(base.name + suffix) for suffix in (".bin", ".idx", ".summary.json")]
+    found += base.parent.glob(base.name + "_[0-9][0-9][0-9][0-9][0-9].*") if base.parent.is_dir() else []
+    return sorted(p for p in found if p.exists() and p.suffix in (".bin", ".idx", ".json"))
+
+
+def check_shard_output(output_prefix: str, part: Optional[str], force: bool) -> list[Path]:
+    """Refuse (one line) an --output-prefix whose files exist, unless `force` and every one is a
+    previous preprocess output (shards with megatron's index header, their summary); returns the
+    files the run will replace. Checked before any encoding, with the folder's writability."""
+    existing = existing_outputs(output_prefix, part)
+    flag = f"--output-prefix {output_prefix}"
+    if existing and not force:
+        raise UserError(f"{flag}: {existing[0]} already exists; choose a new prefix, or pass --force to replace "
+                        "that previous output")
+    for path in existing:
+        if path.suffix == ".idx" and path.read_bytes()[:len(INDEX_MAGIC)] != INDEX_MAGIC:
+            raise UserError(f"{flag}: {path} is not a shard index megatron-core wrote; --force replaces only "
+                            "previous shards: choose a new prefix")
+        if path.suffix == ".bin" and not path.with_suffix(".idx").exists():
+            raise UserError(f"{flag}: {path} has no .idx beside it, so it is not a previous shard; choose a new prefix")
+    creatable(shard_prefix(output_prefix, part, None) + ".bin", "--output-prefix")
+    return existing
 
 
 def import_builder() -> None:

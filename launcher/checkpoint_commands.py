@@ -5,22 +5,26 @@ plus the time to read the files. `gridtrain checkpoint reshard` checks the new l
 spawns ranks (`gridtrain launch --reshard`) that do the work."""
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
+from gridtrain.convert.output import publish_folder
+from gridtrain.data.tokenizer import find_tokenizer
 from gridtrain.errors import ConfigError, UserError
 from gridtrain.launcher.config import load_config
 from gridtrain.launcher.run_commands import resolve_device
 from gridtrain.launcher.spawn import NodeSpec, RankFailed, spawn
 from gridtrain.launcher.validate import validate
+from gridtrain.outputs import check_output, creatable
 from gridtrain.parallel.deepspeed_compat import check_deepspeed_version, checkpoint_file_kind
 from gridtrain.parallel.layout import configured_world_size
 from gridtrain.train.checkpoint.layout_change import reshard_refusal
 from gridtrain.train.checkpoint.manifest import MANIFEST_NAME, STATE_NAME, read_manifest, verify_checkpoint
-from gridtrain.train.checkpoint.store import list_checkpoints, read_latest
+from gridtrain.train.checkpoint.store import checkpoint_folder_problem, list_checkpoints, read_latest
 
 
 def register(subparsers) -> None:
@@ -41,7 +45,10 @@ def register(subparsers) -> None:
     reshard.add_argument("--dp", type=int, required=True, help="data-parallel size of the new layout")
     reshard.add_argument("--zero", type=int, default=None,
                          help="ZeRO stage of the new layout (default: the saved one, at most 1 with --pp > 1)")
-    reshard.add_argument("--out", required=True, help="checkpoint folder to write (resume with --resume-from OUT)")
+    reshard.add_argument("--out", required=True, help="checkpoint folder to write (resume with --resume-from OUT); "
+                         "written aside and renamed into place when complete")
+    reshard.add_argument("--force", action="store_true",
+                         help="replace a non-empty --out if it is a folder of checkpoints (never the source's folder)")
     reshard.set_defaults(handler=reshard_command)
 
 
@@ -115,8 +122,8 @@ _RESHARD_FLAGS = {"parallel.tensor_parallel": "--tp", "parallel.pipeline_paralle
                   "parallel.data_parallel": "--dp", "parallel.zero_stage": "--zero"}
 
 
-def reshard_config(path: Path, args) -> dict:
-    """The saved run config with the new layout, resuming from `path` and saving into --out."""
+def reshard_config(path: Path, args, out: Path) -> dict:
+    """The saved run config with the new layout, resuming from `path` and saving into `out`."""
     if verify_checkpoint(path, checksums=False):
         raise UserError(f"checkpoint reshard: {path} is not a valid checkpoint (see `gridtrain checkpoint inspect {path}`)")
     config = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))["config"]
@@ -124,10 +131,11 @@ def reshard_config(path: Path, args) -> dict:
     zero = args.zero if args.zero is not None else (min(saved_zero, 1) if args.pp > 1 else saved_zero)
     config["parallel"].update(tensor_parallel=args.tp, pipeline_parallel=args.pp, data_parallel=args.dp, zero_stage=zero)
     config["train"]["resume"] = str(path.resolve())
-    config["checkpoint"]["dir"] = str(Path(args.out).resolve())
+    config["checkpoint"]["dir"] = str(out.resolve())
     config["checkpoint"]["interval_steps"] = 0
-    if (path / "tokenizer.model").exists():
-        config["data"]["tokenizer"] = str((path / "tokenizer.model").resolve())
+    tokenizer = find_tokenizer(path)
+    if tokenizer is not None:
+        config["data"]["tokenizer"] = str(Path(tokenizer).resolve())
     return config
 
 
@@ -147,7 +155,14 @@ def reshard_command(args) -> int:
     path = Path(args.path)
     if not (path / MANIFEST_NAME).exists():
         raise UserError(f"checkpoint reshard: {str(path)!r} is not a checkpoint (no {MANIFEST_NAME}); pass a step_XXXXXXXX folder")
-    config = reshard_config(path, args)
+    # The source's run folder of checkpoints counts as a source too: the new checkpoint's publish and
+    # retention would replace or delete the checkpoints there.
+    check_output(args.out, "--out", args.force, "folder of checkpoints", checkpoint_folder_problem,
+                 sources=(path, path.parent))
+    creatable(args.out, "--out")
+    out = Path(args.out)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    config = reshard_config(path, args, partial)
     device = resolve_device("auto", import_torch=False)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
@@ -159,10 +174,12 @@ def reshard_command(args) -> int:
             raise UserError(f"checkpoint reshard: {refusal}")
         check_deepspeed_version()
         spawn(NodeSpec(nnodes=1, nproc_per_node=layout.world_size), fh.name, device, launch_flags=("--reshard",))
+        publish_folder(partial, out)
     except RankFailed as exc:
         print(f"gridtrain: error: checkpoint reshard failed: {exc}", file=sys.stderr)
         return exc.exit_code
     finally:
         os.unlink(fh.name)
+        shutil.rmtree(partial, ignore_errors=True)
     print(f"resharded {path} to TP {args.tp} x PP {args.pp} x DP {args.dp} in {args.out}")
     return 0

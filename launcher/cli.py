@@ -2,6 +2,8 @@
 this module only wires them and turns user errors into one line and exit status 2. Nothing heavy is
 imported here, so `--help` and `--dry-run` answer in about a second."""
 import argparse
+import difflib
+import re
 import sys
 
 from gridtrain.errors import UserError
@@ -18,14 +20,31 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with gridtrain's error line: `gridtrain[ COMMAND]: error: ...`, exit 2, no usage
+    block (`--help` shows it); an unknown command is answered from the public commands only."""
+
+    public_commands: tuple = ()
+
+    def error(self, message: str):
+        unknown = re.match(r"argument COMMAND: invalid choice: '(.*)' \(choose from", message)
+        if unknown:
+            close = difflib.get_close_matches(unknown.group(1), self.public_commands, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            message = (f"unknown command {unknown.group(1)!r}; {hint}commands: {', '.join(self.public_commands)} "
+                       "(gridtrain --help)")
+        else:
+            message += f"; see `{self.prog} --help`"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gridtrain",
-        description="Distributed training of GPT-2 / Llama decoders (TP x PP x DP, ZeRO).",
-    )
+    parser = Parser(prog="gridtrain", description="Distributed training of GPT-2 / Llama decoders (TP x PP x DP, ZeRO).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.register(sub)
+    # The batch script's own steps (registered without help) stay out of help and suggestions.
+    parser.public_commands = tuple(action.dest for action in sub._choices_actions)
     return parser
 
 

@@ -4,6 +4,7 @@ may list `include:` files (relative to itself) that it overrides. Every unknown 
 is collected into one ConfigError. Cross-field rules live in gridtrain.launcher.validate."""
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from pathlib import Path
@@ -14,12 +15,14 @@ from gridtrain.errors import ConfigError
 from gridtrain.train.run_config import RunConfig
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+MAX_INT = 2**31 - 1  # every count and size of a run fits a 32-bit integer; larger ones are typos
 Problem = tuple[str, object, str]
 
 
-def load_config(paths: list[str], overrides: list[str] = ()) -> RunConfig:
+def load_config(paths: list[str], overrides: list[str] = (), notes: list[str] | None = None) -> RunConfig:
     """RunConfig of `paths` merged in order, then `overrides` ("[--]section.field=value", value
-    parsed with YAML scalar rules). Raises one ConfigError listing every problem."""
+    parsed with YAML scalar rules), with the defaults that depend on other fields chosen (each
+    choice is appended to `notes`, when given). Raises one ConfigError listing every problem."""
     problems: list[Problem] = []
     if not paths:
         problems.append(("config", None, "give at least one YAML config file (see configs/)"))
@@ -32,6 +35,19 @@ def load_config(paths: list[str], overrides: list[str] = ()) -> RunConfig:
     cfg = _build(merged, problems)
     if problems:
         raise ConfigError(problems)
+    return choose_defaults(cfg, notes if notes is not None else [])
+
+
+def choose_defaults(cfg: RunConfig, notes: list[str]) -> RunConfig:
+    """Fill the fields left null whose default depends on other sections: parallel.zero_stage."""
+    par = cfg.parallel
+    if par.zero_stage is None:
+        bf16 = cfg.train.dtype == "bf16" and par.pipeline_parallel == 1
+        stage = 1 if bf16 else 0
+        if bf16:
+            notes.append("parallel.zero_stage: 1, chosen for train.dtype bf16 without a pipeline (DeepSpeed's ZeRO-0 "
+                         "bf16 optimizer drifts from fp32-master AdamW; ZeRO-1 holds the same memory at DP=1)")
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(par, zero_stage=stage))
     return cfg
 
 
@@ -59,9 +75,13 @@ def _read_with_includes(path: Path, chain: tuple, problems: list[Problem]) -> li
 
 def _read_yaml(path: Path, problems: list[Problem]) -> dict | None:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         problems.append(("config file", str(path), f"cannot be read ({exc.strerror}); check the path"))
+        return None
+    except UnicodeDecodeError as exc:
+        problems.append(("config file", str(path), f"is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                         f"{exc.start}); give a YAML file saved as UTF-8"))
         return None
     try:
         data = yaml.safe_load(text)
@@ -161,7 +181,9 @@ def _coerce(value, hint) -> tuple[bool, object, str]:
     if hint is bool:
         return isinstance(value, bool), value, "a boolean (true/false)"
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
+        if not isinstance(value, int) or isinstance(value, bool):
+            return False, value, "an integer"
+        return abs(value) <= MAX_INT, value, f"an integer of at most {MAX_INT}"
     if hint is float:
         return _coerce_float(value)
     if hint is str:
@@ -172,15 +194,19 @@ def _coerce(value, hint) -> tuple[bool, object, str]:
 
 
 def _coerce_float(value) -> tuple[bool, object, str]:
-    # PyYAML reads `1e-4` (no dot) as a string; accept it as the number the user meant.
+    # PyYAML reads `1e-4` (no dot) as a string; accept it as the number the user meant. Infinity
+    # and NaN are no setting: an infinite timeout would silently turn hang detection off.
+    number = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return True, float(value), "a number"
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return True, float(value), "a number"
+            number = float(value)
         except ValueError:
             pass
-    return False, value, "a number"
+    if number is None or not math.isfinite(number):
+        return False, value, "a finite number"
+    return True, number, "a finite number"
 
 
 def _to_tuple(value):

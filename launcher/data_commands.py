@@ -8,10 +8,12 @@ import sys
 import warnings
 
 from gridtrain.data.preprocess import PreprocessOptions, preprocess
+from gridtrain.data.tokenizer import load_tokenizer
 from gridtrain.data.tokenizer_train import train_tokenizer
-from gridtrain.errors import UserError
 from gridtrain.launcher.config import load_config
-from gridtrain.launcher.run_commands import split_extra_args
+from gridtrain.launcher.preflight import check_inputs
+from gridtrain.launcher.run_commands import resolve_device, split_extra_args
+from gridtrain.launcher.validate import validate
 
 
 def register(subparsers) -> None:
@@ -29,6 +31,8 @@ def register(subparsers) -> None:
     train.add_argument("--json-key", default="text")
     train.add_argument("--txt-mode", choices=("file", "blocks"), default="file")
     train.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    train.add_argument("--force", action="store_true",
+                       help="replace the tokenizer files of a previous `tokenizer train` in --out (only those)")
     train.set_defaults(handler=tokenizer_train_command)
 
     pre = subparsers.add_parser(
@@ -45,6 +49,8 @@ def register(subparsers) -> None:
     pre.add_argument("--shard-size-tokens", type=int, metavar="T",
                      help="start a new shard PREFIX_NNNNN after about T tokens (default: one shard)")
     pre.add_argument("--part", metavar="I/N", help="process only slice I (0-based) of N of the sorted input files")
+    pre.add_argument("--force", action="store_true",
+                     help="replace the shards and summary of a previous preprocess of this prefix (only those)")
     pre.add_argument("--max-bad-fraction", type=float, default=0.01,
                      help="fail when more than this fraction of records is bad (default 0.01)")
     pre.set_defaults(handler=preprocess_command)
@@ -66,7 +72,7 @@ def quiet_library_warnings() -> None:
 
 def tokenizer_train_command(args) -> int:
     info = train_tokenizer(args.input, args.vocab_size, args.out, args.model_type, args.sample_bytes,
-                           args.json_key, args.txt_mode, max(1, args.threads))
+                           args.json_key, args.txt_mode, max(1, args.threads), args.force)
     print(f"tokenizer: {info['model']} ({info['model_type']}, {info['vocab_size']} pieces, "
           f"special ids {json.dumps(info['special_ids'])})")
     return 0
@@ -77,7 +83,7 @@ def preprocess_command(args) -> int:
     opts = PreprocessOptions(
         inputs=tuple(args.input), tokenizer=args.tokenizer, output_prefix=args.output_prefix,
         json_key=args.json_key, workers=args.workers, shard_size_tokens=args.shard_size_tokens,
-        part=args.part, txt_mode=args.txt_mode, max_bad_fraction=args.max_bad_fraction,
+        part=args.part, txt_mode=args.txt_mode, max_bad_fraction=args.max_bad_fraction, force=args.force,
     )
     summary = preprocess(opts, sys.stderr)
     bad = "".join(f"; skipped {reason}: {entry['count']} (first at {', '.join(entry['first'])})"
@@ -95,14 +101,14 @@ def data_index_command(args) -> int:
     quiet_library_warnings()
     configs, overrides = split_extra_args(args)
     cfg = load_config(configs, overrides)
-    if not cfg.data.tokenizer:
-        raise UserError("data.tokenizer=None: set the SentencePiece .model the shards were made with")
+    # The same checks as `train --dry-run`, in a second, before megatron-core's import.
+    validate(cfg, None, resolve_device("auto", import_torch=False))
+    check_inputs(cfg)
     from gridtrain.data.datasets import build_datasets, default_cache_dir, run_samples
-    from gridtrain.data.tokenizer import SentencePieceTokenizer
 
     num_samples = run_samples(cfg.train.steps, cfg.train.global_batch_size, cfg.train.eval_steps)
     cache_dir = default_cache_dir(cfg.data, cfg.train.run_dir)
-    datasets = build_datasets(cfg.data, num_samples, cache_dir, SentencePieceTokenizer(cfg.data.tokenizer))
+    datasets = build_datasets(cfg.data, num_samples, cache_dir, load_tokenizer(cfg.data.tokenizer))
     sizes = ", ".join(f"{name} {len(d) if d is not None else 0}" for name, d in zip(("train", "valid", "test"), datasets))
     print(f"data index: {cache_dir} ready; samples requested {list(num_samples)} (datasets: {sizes})")
     return 0

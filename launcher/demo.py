@@ -119,6 +119,20 @@ def write_run_config(work: Path, layout, steps: int, vocab_size: int) -> Path:
     return path
 
 
+MARKER = ".gridtrain-demo"
+
+
+def claim_folder(work: Path) -> None:
+    """The demo owns its folder: it replaces its tokenizer, shards and run there. A folder that
+    holds something else (no marker of an earlier demo) is refused, so `--dir` never costs a user's
+    own files."""
+    if work.exists() and any(work.iterdir()) and not (work / MARKER).exists():
+        raise UserError(f"--dir {work}: holds files an earlier `gridtrain demo` did not write (no {MARKER}); "
+                        "give a new or empty folder")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("a folder gridtrain demo writes and replaces\n")
+
+
 def prepare_data(work: Path, vocab_size: int, log) -> None:
     """Corpus, tokenizer and shards, each only if missing (a new tokenizer invalidates the shards)."""
     corpus = work / "corpus" / "stdlib.jsonl"
@@ -127,14 +141,17 @@ def prepare_data(work: Path, vocab_size: int, log) -> None:
         log(f"corpus: {info['documents']} stdlib files, {info['bytes'] / 1e6:.1f} MB -> {corpus}")
     model = work / "tokenizer" / "tokenizer.model"
     prefix = work / "data" / "corpus_text_document"
-    if not model.exists() or json.loads((work / "tokenizer" / "tokenizer.json").read_text())["vocab_size"] != vocab_size:
-        info = train_tokenizer([str(corpus)], vocab_size, str(model.parent), "bpe", 10_000_000, threads=os.cpu_count() or 1)
+    info = work / "tokenizer" / "tokenizer_info.json"
+    trained = json.loads(info.read_text())["vocab_size"] if info.exists() else None  # an older demo's has none
+    if not model.exists() or trained != vocab_size:
+        info = train_tokenizer([str(corpus)], vocab_size, str(model.parent), "bpe", 10_000_000,
+                               threads=os.cpu_count() or 1, force=True)
         log(f"tokenizer: {info['vocab_size']} BPE pieces, special ids {info['special_ids']} -> {model}")
         for suffix in (".bin", ".idx"):
             Path(str(prefix) + suffix).unlink(missing_ok=True)
     if not (Path(str(prefix) + ".bin").exists() and Path(str(prefix) + ".idx").exists()):
         summary = preprocess(PreprocessOptions(inputs=(str(corpus),), tokenizer=str(model), output_prefix=str(prefix),
-                                               workers=os.cpu_count() or 1))
+                                               workers=os.cpu_count() or 1, force=True))
         log(f"shards: {summary['documents']} documents, {summary['tokens']:,} tokens in {summary['seconds']:.1f} s "
             f"({summary['tokens_per_second'] / 1e3:.0f}k tokens/s) -> {prefix}.bin/.idx")
 
@@ -159,6 +176,7 @@ def demo_command(args) -> int:
     def log(text: str) -> None:
         print(f"demo [{time.time() - started:5.1f} s] {text}", flush=True)
 
+    claim_folder(work)
     prepare_data(work, args.vocab_size, log)
     run_config = write_run_config(work, layout, args.steps, args.vocab_size)
     if not args.resume:

@@ -21,7 +21,8 @@ def derived_numbers(cfg: RunConfig, layout: Layout) -> dict:
     return {
         "world_size": layout.world_size,
         "layout": f"TP={tp} x PP={pp} x DP={dp}",
-        "parameters": count_parameters(cfg.model, tp),
+        "parameters": count_parameters(cfg.model, None),  # as model cards count them: vocab unpadded
+        "parameters_with_padded_vocab": count_parameters(cfg.model, tp),
         "padded_vocab_size": cfg.model.padded_vocab_size(tp),
         "parameters_per_rank_by_stage": stage_params,
         "training_flops_per_token": flops_per_token,
@@ -36,8 +37,11 @@ def derived_numbers(cfg: RunConfig, layout: Layout) -> dict:
     }
 
 
-def report(cfg: RunConfig, layout: Layout) -> str:
-    """The resolved config, then the derived numbers, both as YAML (machine- and human-readable)."""
+def report(cfg: RunConfig, layout: Layout, notes: list[str] = ()) -> str:
+    """The resolved config (after comment lines naming each default chosen for this config), then
+    the derived numbers, both as YAML (machine- and human-readable)."""
     derived = yaml.safe_dump({"derived": derived_numbers(cfg, layout)}, sort_keys=False,
                              default_flow_style=None, width=100)
-    return f"# resolved config\n{to_yaml(cfg)}\n# derived (per-rank memory: weights, gradients, optimizer states)\n{derived}"
+    chosen = "".join(f"# {note}\n" for note in notes)
+    return (f"# resolved config\n{chosen}{to_yaml(cfg)}\n"
+            f"# derived (per-rank memory: weights, gradients, optimizer states)\n{derived}")

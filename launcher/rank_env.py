@@ -33,9 +33,29 @@ def discover() -> RankEnv:
     return found
 
 
+# The variables each launcher sets: (rank, world size, local rank), for messages.
+_NAMES = {"torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK"), "slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+          "mpi": ("the MPI rank", "the MPI world size", "the MPI local rank"), "single": ("rank", "world", "local rank")}
+
+
 def resolve(env: Mapping[str, str]) -> RankEnv:
-    """RankEnv from `env`. torchrun's variables win; then MPI (mpirun inside a Slurm allocation
-    inherits the batch step's SLURM_PROCID=0, so MPI must come before Slurm); then srun's."""
+    """RankEnv from `env`, checked to be a possible one (0 <= rank < world, world >= 1, local
+    rank >= 0). torchrun's variables win; then MPI (mpirun inside a Slurm allocation inherits the
+    batch step's SLURM_PROCID=0, so MPI must come before Slurm); then srun's."""
+    found = _resolve(env)
+    rank_name, world_name, local_name = _NAMES[found.source]
+    if found.world_size < 1:
+        raise UserError(f"{world_name}={found.world_size}: a world needs at least one rank; check how the job "
+                        "was launched")
+    if not 0 <= found.rank < found.world_size:
+        raise UserError(f"{rank_name}={found.rank}: must be in 0..{found.world_size - 1} ({world_name}="
+                        f"{found.world_size}); check how the job was launched")
+    if found.local_rank < 0:
+        raise UserError(f"{local_name}={found.local_rank}: must be >= 0; check how the job was launched")
+    return found
+
+
+def _resolve(env: Mapping[str, str]) -> RankEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return RankEnv("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK", 0),
                        env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", DEFAULT_PORT))

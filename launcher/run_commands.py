@@ -78,9 +78,9 @@ def split_extra_args(args) -> tuple[list[str], list[str]]:
     return configs, overrides
 
 
-def _load(args, extra_overrides=()):
+def _load(args, extra_overrides=(), notes=None):
     configs, overrides = split_extra_args(args)
-    return load_config(configs, overrides + list(extra_overrides))
+    return load_config(configs, overrides + list(extra_overrides), notes)
 
 
 def _resume_overrides(args) -> list[str]:
@@ -107,6 +107,16 @@ def _layout_world(cfg, args) -> tuple[int, int]:
     return nproc, nproc * args.nnodes
 
 
+def check_cuda_visible() -> None:
+    """--device cuda (or a config that needs it) on a host whose torch sees no GPU: one line now,
+    not N ranks failing in their process-group set-up."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA device on this host (CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); run on a GPU node, or use --device cpu")
+
+
 def resolve_device(choice: str, import_torch: bool) -> str:
     if choice != "auto":
         return choice
@@ -118,18 +128,21 @@ def resolve_device(choice: str, import_torch: bool) -> str:
 
 
 def train_command(args) -> int:
-    cfg = _load(args, _resume_overrides(args))
+    notes: list[str] = []
+    cfg = _load(args, _resume_overrides(args), notes)
     nproc, world = _layout_world(cfg, args)
     # Probe without torch: a bad config must fail in a second, before any heavy import. A dry run of
     # an NCCL config is a GPU job checked from wherever the user is (a login node has no GPU).
     gpu_job = args.dry_run and args.device == "auto" and cfg.parallel.backend == "nccl"
     device = "cuda" if gpu_job else resolve_device(args.device, import_torch=False)
     layout = validate(cfg, world, device)
+    check_inputs(cfg)
     if args.dry_run:
-        print(report(cfg, layout), end="")
+        print(report(cfg, layout, notes), end="")
         return 0
     check_deepspeed_version()
-    check_inputs(cfg)
+    if device == "cuda":
+        check_cuda_visible()
     if args.nnodes > 1 and args.node_rank == 0 and args.master_port and port_in_use(args.master_port):
         raise UserError(f"--master-port {args.master_port}: the port is in use on this host (node 0, where the "
                         "ranks meet); pick a free port, the same on every node")
@@ -179,8 +192,9 @@ def launch_command(args) -> int:
 
 
 def env_command(args) -> int:
+    """The report; exit 2 when a row is an error (an impossible rank environment)."""
     rows = env_report()
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    return 0
+    return 2 if any(value.startswith("error: ") for _, value in rows) else 0

@@ -11,11 +11,20 @@ from pathlib import Path
 
 from gridtrain.errors import ConfigError, UserError
 from gridtrain.launcher.config import load_config, write_config
+from gridtrain.launcher.preflight import check_inputs
 from gridtrain.launcher.run_commands import RESOLVED_CONFIG, split_extra_args
 from gridtrain.launcher.validate import validate
 from gridtrain.parallel.layout import configured_world_size
 from gridtrain.slurm import job
-from gridtrain.slurm.batch_script import LOG_PATTERN, SCRIPT_NAME, SITE_ENV, JobSpec, package_file, render_script
+from gridtrain.slurm.batch_script import (
+    LOG_PATTERN,
+    SCRIPT_NAME,
+    SITE_ENV,
+    JobSpec,
+    package_file,
+    render_script,
+    spec_problems,
+)
 from gridtrain.slurm.client import call_sbatch
 
 DEFAULT_SIGNAL_GRACE = 120  # seconds between USR1 and the time limit: enough to save a checkpoint
@@ -74,12 +83,16 @@ def submit_command(args) -> int:
     cfg = load_config(configs, overrides)
     tasks = ranks_per_node(cfg, args)
     check_job(cfg, args.nodes, tasks, args.device)
+    check_inputs(cfg)
     run_dir = Path(cfg.train.run_dir).resolve()
     spec = JobSpec(
         nodes=args.nodes, tasks_per_node=tasks, device=args.device,
         job_name=args.job_name or run_dir.name, log=run_dir / LOG_PATTERN, workdir=Path.cwd(),
         signal_grace=args.signal_grace, max_requeues=args.max_requeues, partition=args.partition,
         time=args.time, account=args.account, qos=args.qos, extra=tuple(args.sbatch_arg))
+    problems = spec_problems(spec)
+    if problems:
+        raise UserError("; ".join(problems))
     config_path = run_dir / RESOLVED_CONFIG
     site_env = Path(args.site_env).resolve() if args.site_env else package_file(SITE_ENV)
     if not site_env.is_file():

@@ -18,6 +18,9 @@ _BOUNDS = {
     "model.ffn_hidden_size": (1, True, "or null for the family's default"),
     "model.max_seq_len": (1, True, ""), "model.norm_eps": (0, False, ""),
     "model.rope_theta": (0, False, ""), "model.init_std": (0, False, ""),
+    "model.head_dim": (1, True, "or null for hidden_size / num_attention_heads"),
+    "model.rope_factor": (0, False, ""), "model.rope_low_freq_factor": (0, False, ""),
+    "model.rope_original_max_positions": (1, True, "or null unless rope_scaling is llama3"),
     "model.make_vocab_size_divisible_by": (
         1, True, "(the vocab is padded to a multiple of it x parallel.tensor_parallel so every TP "
                  "rank holds an equal slice; Megatron's default is 128)"),
@@ -37,6 +40,14 @@ _BOUNDS = {
     "checkpoint.keep_last": (0, True, "(0 keeps every checkpoint)"), "checkpoint.keep_every": (0, True, "(0 turns it off)"),
     "logging.log_interval": (1, True, ""),
 }
+
+
+# field -> upper bound. Far above any published decoder or cluster (Llama 3 405B: 126 layers,
+# hidden 16384, 128 heads; vocabularies up to ~256k): a larger value is a typo, and the derived
+# numbers (pipeline partitioning is quadratic in layers) would take minutes to compute.
+_UPPER = {"model.vocab_size": 2**24, "model.hidden_size": 2**18, "model.num_layers": 512,
+          "model.num_attention_heads": 4096, "model.num_kv_heads": 4096, "model.ffn_hidden_size": 2**21,
+          "model.max_seq_len": 2**22, "parallel.tensor_parallel": 512, "parallel.pipeline_parallel": 128}
 
 
 def validate(cfg: RunConfig, world_size: int | None, device: str) -> Layout:
@@ -70,10 +81,22 @@ def _bounds(cfg: RunConfig) -> list[Problem]:
             continue
         relation = ">=" if inclusive else ">"
         problems.append((field, value, f"must be {relation} {low}" + (f" {note}" if note else "")))
+    for field, high in _UPPER.items():
+        value = _get(cfg, field)
+        if value is not None and value > high:
+            problems.append((field, value, f"must be <= {high} (larger than any model or cluster this was built for; "
+                             "a typo?)"))
     for field in ("optim.beta1", "optim.beta2"):
         if _get(cfg, field) >= 1:
             problems.append((field, _get(cfg, field), "must be < 1 (Adam's moment decay), e.g. 0.9 or 0.95"))
-    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+    m = cfg.model
+    if m.rope_scaling == "llama3" and m.rope_original_max_positions is None:
+        problems.append(("model.rope_original_max_positions", None, "rope_scaling llama3 needs the context length "
+                         "the model was pretrained with (Llama 3.1: 8192)"))
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        problems.append(("model.rope_high_freq_factor", m.rope_high_freq_factor, "must be above "
+                         f"model.rope_low_freq_factor ({m.rope_low_freq_factor}), as in Llama 3.1 (4 and 1)"))
+    if cfg.parallel.zero_stage not in (None, 0, 1, 2, 3):
         problems.append(("parallel.zero_stage", cfg.parallel.zero_stage, "must be 0, 1, 2 or 3"))
     return problems
 
@@ -100,20 +123,29 @@ def _model_shape(cfg: RunConfig, bad: set) -> list[Problem]:
         return []
     heads, kv = m.num_attention_heads, m.kv_heads
     problems = []
-    if m.hidden_size % heads:
+    if m.head_dim is None and m.hidden_size % heads:
         problems.append(("model.hidden_size", m.hidden_size, f"must be a multiple of model.num_attention_heads ({heads}); "
-                         f"e.g. {heads * max(1, m.hidden_size // heads)} or {heads * (m.hidden_size // heads + 1)}"))
-    elif m.family == "llama" and m.head_dim % 2:
-        problems.append(("model.hidden_size", m.hidden_size, f"gives an odd head dim ({m.head_dim}) with "
-                         f"model.num_attention_heads ({heads}); rotary embeddings rotate pairs, so make hidden_size / heads even"))
+                         f"e.g. {heads * max(1, m.hidden_size // heads)} or {heads * (m.hidden_size // heads + 1)}, "
+                         "or set model.head_dim"))
+    elif m.family == "llama" and m.head_size % 2:
+        if m.head_dim:
+            problems.append(("model.head_dim", m.head_dim, "is odd; rotary embeddings rotate pairs, so make it even"))
+        else:
+            problems.append(("model.hidden_size", m.hidden_size, f"gives an odd head dim ({m.head_size}) with "
+                             f"model.num_attention_heads ({heads}); rotary embeddings rotate pairs, so make "
+                             "hidden_size / heads even (or set model.head_dim)"))
+    if m.family == "gpt2" and (m.head_dim or m.qk_norm or m.rope_scaling != "none"):
+        problems.append(("model.family", "gpt2", "head_dim, qk_norm and rope_scaling are llama-family options; "
+                         "leave them unset for gpt2"))
     if heads % kv:
         problems.append(("model.num_kv_heads", kv, f"must divide model.num_attention_heads ({heads}): each KV head "
                          f"serves a whole group of query heads; use one of {_divisors(heads)}"))
     if "parallel.tensor_parallel" in bad:
         return problems
     if heads % tp:
+        size = f" (of head_dim {m.head_dim})" if m.head_dim else ""
         problems.append(("model.num_attention_heads", heads, f"must be a multiple of parallel.tensor_parallel ({tp}): "
-                         f"each TP rank holds whole heads; use a tensor_parallel among {_divisors(heads)}"))
+                         f"each TP rank holds whole heads{size}; use a tensor_parallel among {_divisors(heads)}"))
     if kv % tp and kv != heads:  # with multi-head attention the heads message already says it
         problems.append(("model.num_kv_heads", kv, f"must be a multiple of parallel.tensor_parallel ({tp}): each TP "
                          f"rank holds whole KV heads; use a tensor_parallel among {_divisors(kv)} or more KV heads"))
@@ -214,7 +246,8 @@ def _data(cfg: RunConfig, bad: set) -> list[Problem]:
                          "position tables are built for max_seq_len; lower seq_length or raise max_seq_len"))
     problems += blend_problems(d.blend)
     if not d.tokenizer:
-        problems.append(("data.tokenizer", d.tokenizer, "set the SentencePiece .model path (gridtrain tokenizer "
+        problems.append(("data.tokenizer", d.tokenizer, "set the tokenizer the shards were made with: a SentencePiece "
+                         ".model, a tokenizer.json or a Hugging Face folder (gridtrain tokenizer "
                          "trains one); the datasets need its end-of-document id"))
     parts = d.split.split(",")
     try:

@@ -8,8 +8,11 @@ because the CLI imports this module for the version check before any rank starts
 import contextlib
 import functools
 import io
+import os
 import re
+import sys
 import tempfile
+import time
 from argparse import Namespace
 from contextlib import contextmanager
 from importlib import metadata
@@ -38,6 +41,86 @@ def check_deepspeed_version() -> None:
     problem = version_problem(installed)
     if problem:
         raise UserError(problem)
+
+
+# ---- the CPU communication op -------------------------------------------------------------------
+# DeepSpeed 0.19.8's CPU accelerator loads its shared-memory allreduce op (ShareMemCommBuilder,
+# `deepspeed_shm_comm`) in every TorchBackend (deepspeed/comm/torch.py, build_shm_op): torch JIT-
+# builds it on first use (20-60 s here) under ~/.cache/torch_extensions, printing nothing. Every
+# loading process takes torch's FileBaton, a `lock` file created with O_EXCL and held open until it
+# is removed; a process killed in between leaves the file behind, and every later load waits for it
+# forever without a word (seen here: generate and training runs hung until it was removed by hand).
+
+def _extensions_dir() -> None:
+    """Build the op inside this environment (TORCH_EXTENSIONS_DIR=<sys.prefix>/torch_extensions,
+    unless set or not writable): `make` builds it once when it sets up the environment, and two
+    environments no longer rebuild over each other's copy (their include paths differ)."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+
+
+def lock_holders(lock: Path) -> list[int]:
+    """PIDs of the processes that have `lock` open (/proc/PID/fd), i.e. the one building or loading."""
+    holders, target = [], str(lock)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                holders.append(int(proc.name))
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    return holders
+
+
+def wait_for_build_lock(lock: Path, say, quiet_s: float = 5.0) -> None:
+    """Wait while a living process holds torch's build `lock` (saying so after `quiet_s`: ranks
+    of one node take turns loading the op, which is normal), and remove it when none does (its
+    holder died). A lock nobody holds is looked at twice a second apart: a holder releasing the
+    baton closes the file before it removes it."""
+    if not Path("/proc/self/fd").is_dir():
+        return  # no /proc: torch's own wait
+    started, said, unheld = time.monotonic(), False, 0
+    while lock.exists():
+        holders = lock_holders(lock)
+        unheld = 0 if holders else unheld + 1
+        if unheld >= 2:
+            try:
+                lock.unlink()
+            except FileNotFoundError:
+                return
+            say(f"removed {lock}: a build lock no living process holds, left by a start-up that was interrupted")
+            return
+        if holders and not said and time.monotonic() - started > quiet_s:
+            say(f"waiting for process {holders[0]}, which holds {lock} (building or loading DeepSpeed's CPU "
+                "communication op)")
+            said = True
+        time.sleep(1.0 if not holders else 0.2)
+
+
+def prepare_shm_comm_op(world_size: int, say) -> None:
+    """Before DeepSpeed's comm backend starts: with one rank, tell DeepSpeed the op is unavailable
+    (an allreduce over one rank needs none, and generation and one-rank tools then never build or
+    wait for it); with several, clear a stale build lock, say when a build is due, and load it
+    (DeepSpeed's own load then returns the loaded module from its cache)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    if world_size == 1:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False  # build_shm_op then returns None
+        return
+    _extensions_dir()
+    build_dir = Path(_get_build_directory(builder.NAME, verbose=False))
+    wait_for_build_lock(build_dir / "lock", say)
+    if not any(build_dir.glob("*.so")):
+        say(f"building DeepSpeed's CPU communication op {builder.NAME} into {build_dir} (once per environment; "
+            "20-60 s on 2 cores)")
+    with contextlib.redirect_stdout(sys.stderr):  # ninja's output is no business of stdout
+        builder.load(verbose=False)
 
 
 # ---- process groups ----------------------------------------------------------------------------

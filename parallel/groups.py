@@ -7,6 +7,7 @@ initialize() checks at start-up that this rank's TP, DP and PP groups are identi
 """
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,7 +18,12 @@ from megatron.core import parallel_state
 
 from gridtrain.errors import UserError
 from gridtrain.parallel.config import ParallelConfig
-from gridtrain.parallel.deepspeed_compat import check_deepspeed_version, forget_comm_backend, pipeline_topology
+from gridtrain.parallel.deepspeed_compat import (
+    check_deepspeed_version,
+    forget_comm_backend,
+    pipeline_topology,
+    prepare_shm_comm_op,
+)
 from gridtrain.parallel.layout import Layout
 
 REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -110,6 +116,10 @@ class ParallelContext:
         return self.layout.dp
 
 
+def _say(message: str) -> None:
+    print(f"[gridtrain] rank {os.environ.get('RANK', '?')}: {message}", file=sys.stderr, flush=True)
+
+
 def select_backend(parallel: ParallelConfig) -> tuple[torch.device, str]:
     """(device, backend): CUDA + nccl when a GPU is present, else CPU + gloo; config may force."""
     cuda = torch.cuda.is_available()
@@ -146,6 +156,7 @@ def initialize(parallel: ParallelConfig, layout: Layout) -> ParallelContext:
     device, backend = select_backend(parallel)
     timeout = timedelta(minutes=parallel.timeout_minutes)
     init_world(backend, timeout)
+    prepare_shm_comm_op(dist.get_world_size(), _say)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if world_size != layout.world_size:  # the launcher validated against this world; a guard for direct callers

@@ -80,8 +80,14 @@ def world_problems(parallel: ParallelConfig, world_size: int | None) -> list[Pro
     return []
 
 
+def zero_stage_of(parallel: ParallelConfig) -> int:
+    """The ZeRO stage: a config composed by gridtrain.launcher.config never leaves it null; code
+    that builds a ParallelConfig itself gets ZeRO-0 by leaving it out."""
+    return 0 if parallel.zero_stage is None else parallel.zero_stage
+
+
 def zero_problems(parallel: ParallelConfig) -> list[Problem]:
-    stage, pp = parallel.zero_stage, parallel.pipeline_parallel
+    stage, pp = zero_stage_of(parallel), parallel.pipeline_parallel
     if stage in (2, 3) and pp > 1:
         return [("parallel.zero_stage", stage, f"DeepSpeed's pipeline engine refuses ZeRO-2/3 with "
                  f"parallel.pipeline_parallel ({pp}) > 1; use zero_stage 0 or 1 with pipelines, or pipeline_parallel 1 for ZeRO-2/3")]
@@ -109,6 +115,6 @@ def build_layout(parallel: ParallelConfig, micro_batch_size: int, global_batch_s
     if problems:
         raise ConfigError(problems)
     return Layout(tp=parallel.tensor_parallel, pp=parallel.pipeline_parallel,
-                  dp=data_parallel_size(parallel, world_size), zero_stage=parallel.zero_stage,
+                  dp=data_parallel_size(parallel, world_size), zero_stage=zero_stage_of(parallel),
                   micro_batch_size=micro_batch_size, global_batch_size=global_batch_size,
                   pipeline_partition=parallel.pipeline_partition)

@@ -1,5 +1,6 @@
 """The batch script of `gridtrain submit`: one JobSpec (where the job runs, how it is stopped and
 requeued) rendered into slurm/gridtrain.sbatch.template, which is package data of gridtrain.slurm."""
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,62 @@ class JobSpec:
     account: str | None = None
     qos: str | None = None
     extra: tuple[str, ...] = ()  # --sbatch-arg values, one `#SBATCH` line each
+
+
+# Options gridtrain writes itself from its own flags: an --sbatch-arg repeating one would silently
+# change them (the last #SBATCH line wins), e.g. drop the USR1 warning the requeue cycle rests on.
+_OWN_OPTIONS = {"--job-name": "--job-name", "--nodes": "--nodes", "-N": "--nodes", "--ntasks-per-node": "--gpus-per-node "
+                "or --ntasks-per-node", "--gpus-per-node": "--gpus-per-node", "--chdir": "the directory you submit from",
+                "--output": "train.run_dir", "-o": "train.run_dir", "--open-mode": "nothing (the log is appended to)",
+                "--requeue": "nothing (jobs are requeued)", "--no-requeue": "--max-requeues 0",
+                "--signal": "--signal-grace", "--partition": "--partition", "-p": "--partition", "--time": "--time",
+                "-t": "--time", "--account": "--account", "-A": "--account", "--qos": "--qos", "-q": "--qos"}
+_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """Seconds of a Slurm time limit (sbatch --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S),
+    None for UNLIMITED / INFINITE; ValueError for anything else."""
+    if text.strip().upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    match = _TIME.fullmatch(text.strip())
+    if not match:
+        raise ValueError(text)
+    days, first, second, third = (int(g) if g is not None else None for g in match.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
+    if third is not None:  # H:M:S
+        return (first * 60 + second) * 60 + third
+    return first * 60 + (second or 0)  # M or M:S
+
+
+def spec_problems(spec: JobSpec) -> list[str]:
+    """What in `spec` cannot go into the batch script as given, each naming the flag, the value and
+    the fix. A value holding a line break would end its #SBATCH line and start another one (after
+    which Slurm ignores the remaining #SBATCH lines); whitespace splits an option."""
+    problems = []
+    texts = {"--job-name": spec.job_name, "--partition": spec.partition, "--account": spec.account,
+             "--qos": spec.qos, "train.run_dir": str(spec.log.parent), "the working directory": str(spec.workdir)}
+    for flag, value in texts.items():
+        if value is not None and (not value or any(c.isspace() or not c.isprintable() for c in value)):
+            problems.append(f"{flag} {value!r}: must be non-empty, without spaces, line breaks or control characters")
+    if spec.time is not None:
+        try:
+            limit = time_limit_seconds(spec.time)
+        except ValueError:
+            problems.append(f"--time {spec.time!r}: not a Slurm time limit; use minutes, MM:SS, HH:MM:SS, D-HH, "
+                            "D-HH:MM or D-HH:MM:SS")
+        else:
+            if limit is not None and spec.signal_grace >= limit:
+                problems.append(f"--signal-grace {spec.signal_grace}: must be shorter than --time {spec.time} "
+                                f"({limit} s), or the warning would come before the job starts")
+    for arg in spec.extra:
+        option = arg.split("=", 1)[0]
+        if not arg.startswith("-") or any(c in arg for c in "\n\r\0"):
+            problems.append(f"--sbatch-arg {arg!r}: must be one sbatch option on one line, e.g. --sbatch-arg=--exclusive")
+        elif option in _OWN_OPTIONS:
+            problems.append(f"--sbatch-arg {arg!r}: gridtrain sets {option} itself; use {_OWN_OPTIONS[option]}")
+    return problems
 
 
 def package_file(name: str) -> Path:

@@ -30,13 +30,17 @@ def _split_top_level(text: str) -> list[str]:
 def _expand_item(item: str) -> list[str]:
     match = re.search(r"\[([^\]]*)\]", item)
     if not match:
+        if "[" in item or "]" in item:
+            raise UserError(f"SLURM_JOB_NODELIST: {item!r} is not a Slurm hostlist (unbalanced brackets); check how "
+                            "the job was launched, or set MASTER_ADDR to rank 0's host")
         return [item]
     head, tail = item[:match.start()], item[match.end():]
     expanded = []
     for part in match.group(1).split(","):
         lo, _, hi = part.partition("-")
         if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise UserError(f"Slurm nodelist {item!r}: cannot read range {part!r}; set MASTER_ADDR explicitly")
+            raise UserError(f"SLURM_JOB_NODELIST: {item!r} is not a Slurm hostlist (cannot read the range {part!r}); "
+                            "check how the job was launched, or set MASTER_ADDR to rank 0's host")
         width = len(lo)
         for number in range(int(lo), int(hi or lo) + 1):
             expanded += [head + str(number).zfill(width) + rest for rest in _expand_item(tail)]

@@ -15,8 +15,9 @@ def first_host(nodelist: str) -> str:
     every syntax), else our parser."""
     if shutil.which("scontrol"):
         out = slurm_command("scontrol", "show", "hostnames", nodelist)
-        if out.returncode == 0 and out.stdout.split():
-            return out.stdout.split()[0]
+        hosts = out.stdout.split() if out.returncode == 0 else []
+        if hosts and not any(c in hosts[0] for c in "[],"):  # a list Slurm could not expand comes back as is
+            return hosts[0]
     return expand_nodelist(nodelist)[0]
 
 

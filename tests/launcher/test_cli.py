@@ -13,9 +13,14 @@ SMALL = """
 model: {family: llama, vocab_size: 1000, hidden_size: 64, num_layers: 4, num_attention_heads: 8,
         num_kv_heads: 4, ffn_hidden_size: 256, max_seq_len: 128}
 parallel: {tensor_parallel: 2, pipeline_parallel: 2, zero_stage: 1}
-data: {blend: [[1.0, d/x_text_document]], tokenizer: t.model, seq_length: 128}
+data: {blend: [[1.0, PREFIX]], tokenizer: TOKENIZER, seq_length: 128}
 train: {global_batch_size: 32, micro_batch_size: 2, steps: 10}
 """
+
+
+def small(corpus) -> str:
+    """SMALL on the session corpus's text shards and tokenizer (a dry run checks they exist)."""
+    return SMALL.replace("PREFIX", corpus.text).replace("TOKENIZER", corpus.tokenizer)
 
 
 def gridtrain(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -38,8 +43,8 @@ def test_bad_config_prints_one_line_and_exits_2(tmp_path):
     assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1 and "nope.yaml" in missing.stderr
 
 
-def test_dry_run_numbers_match_hand_computed(tmp_path):
-    (tmp_path / "small.yaml").write_text(SMALL)
+def test_dry_run_numbers_match_hand_computed(tmp_path, corpus):
+    (tmp_path / "small.yaml").write_text(small(corpus))
     proc = gridtrain("train", "small.yaml", "--dry-run", "--nnodes", 2, "--nproc-per-node", 4, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = yaml.safe_load(proc.stdout)
@@ -51,7 +56,8 @@ def test_dry_run_numbers_match_hand_computed(tmp_path):
     assert (d["global_batch_samples"], d["global_batch_tokens"], d["training_tokens"]) == (32, 4096, 40960)
     # vocab 1000 padded to 1024 (128 x TP 2); block = attention 4096+2*2048+4096 + SwiGLU 3*64*256 + 2 norms of 64
     assert d["padded_vocab_size"] == 1024
-    assert d["parameters"] == 1024 * 64 * 2 + 4 * (12288 + 49152 + 128) + 64
+    assert d["parameters_with_padded_vocab"] == 1024 * 64 * 2 + 4 * (12288 + 49152 + 128) + 64
+    assert d["parameters"] == 1000 * 64 * 2 + 4 * (12288 + 49152 + 128) + 64  # as a model card counts
     # 6 x (layers + unpadded head) + 12 L h s
     assert d["training_flops_per_token"] == 6 * (4 * 61568 + 1000 * 64) + 12 * 4 * 64 * 128
     # per TP rank: embedding 512*64, block 6144 + 24576 + 128; stages [emb, 2 blocks] | [2 blocks, norm, head]
@@ -62,12 +68,13 @@ def test_dry_run_numbers_match_hand_computed(tmp_path):
     assert (memory["weights"], memory["gradients"], memory["optimizer"]) == (4 * psi, 4 * psi, 12 * psi // 2)
 
 
-def test_dry_run_with_overrides_and_zero_3(tmp_path):
-    (tmp_path / "small.yaml").write_text(SMALL)
-    proc = gridtrain("train", "small.yaml", "--parallel.pipeline_parallel=1", "--parallel.zero_stage=3",
-                     "--dry-run", "--data.blend=[[0.5, a_doc], [0.5, b_doc]]", "--nproc-per-node", 4, cwd=tmp_path)
+def test_dry_run_with_overrides_and_zero_3(tmp_path, corpus):
+    (tmp_path / "small.yaml").write_text(small(corpus))
+    proc = gridtrain("train", "small.yaml", "--parallel.pipeline_parallel=1", "--parallel.zero_stage=3", "--dry-run",
+                     f"--data.blend=[[0.5, {corpus.text}], [0.5, {corpus.sentences}]]", "--nproc-per-node", 4, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert yaml.safe_load(proc.stdout)["data"]["blend"] == [[0.5, "a_doc"], [0.5, "b_doc"]]  # a value with spaces
+    blend = [[0.5, corpus.text], [0.5, corpus.sentences]]
+    assert yaml.safe_load(proc.stdout)["data"]["blend"] == blend  # a value with spaces
     d = yaml.safe_load(proc.stdout)["derived"]
     psi = d["parameters_per_rank_by_stage"][0]
     assert psi == 2 * 32768 + 4 * 30848 + 64
@@ -94,11 +101,16 @@ def test_env_reports_versions_and_devices():
     assert rows["backend"].strip() == ("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def test_resume_flags_set_train_resume(tmp_path):
-    (tmp_path / "small.yaml").write_text(SMALL)
+def test_resume_flags_set_train_resume(tmp_path, corpus):
+    (tmp_path / "small.yaml").write_text(small(corpus))
+    (tmp_path / "ck" / "step-5").mkdir(parents=True)
     base = ("train", "small.yaml", "--dry-run", "--nproc-per-node", 4)
     assert yaml.safe_load(gridtrain(*base, "--no-resume", cwd=tmp_path).stdout)["train"]["resume"] == "none"
     assert yaml.safe_load(gridtrain(*base, "--resume-from", "ck/step-5", cwd=tmp_path).stdout)["train"]["resume"] == "ck/step-5"
+    missing = gridtrain(*base, "--resume-from", "ck/step-6", cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.strip() == (
+        "gridtrain: error: train.resume='ck/step-6': no such checkpoint or folder (--resume-from); give a "
+        "step_XXXXXXXX folder or a folder of them, or use auto / none")
     both = gridtrain(*base, "--no-resume", "--resume-from", "x", cwd=tmp_path)
     assert both.returncode == 2 and both.stderr.strip() == (
         "gridtrain: error: --resume-from and --no-resume contradict each other; give one")
@@ -112,14 +124,14 @@ def test_missing_inputs_fail_before_spawning(tmp_path):
                                    vocab_size=60, model_type="bpe", hard_vocab_limit=False, minloglevel=2)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x_text_document.bin").write_bytes(b"")
-    (tmp_path / "small.yaml").write_text(SMALL.replace("t.model", str(tmp_path / "tok.model"))
-                                         .replace("vocab_size: 1000", "vocab_size: 50"))
+    (tmp_path / "small.yaml").write_text(SMALL.replace("TOKENIZER", str(tmp_path / "tok.model"))
+                                         .replace("PREFIX", "d/x_text_document").replace("vocab_size: 1000", "vocab_size: 50"))
     proc = gridtrain("train", "small.yaml", "--nproc-per-node", 4, cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     pieces = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model")).GetPieceSize()
     assert proc.stderr.strip() == (
         f"gridtrain: error: 2 config problems: model.vocab_size=50: the tokenizer {tmp_path / 'tok.model'} has "
-        f"{pieces} pieces; set model.vocab_size to at least {pieces}; data.blend[0]='d/x_text_document': no "
+        f"{pieces} tokens; set model.vocab_size to at least {pieces}; data.blend[0]='d/x_text_document': no "
         "d/x_text_document.idx; run `gridtrain preprocess` or fix the prefix")
     assert not (tmp_path / "runs").exists()  # nothing written, no rank started
     gone = gridtrain("train", "small.yaml", "--nproc-per-node", 4, "--data.tokenizer=nope.model", cwd=tmp_path)

@@ -12,12 +12,18 @@ REPO = Path(__file__).resolve().parents[2]
 LLAMA_8B = str(REPO / "configs" / "llama-8b.yaml")  # TP 8 x DP 8 = 64 ranks
 
 
+@pytest.fixture
+def data(corpus) -> list[str]:
+    """Overrides pointing the preset's data at the session corpus (submit checks the files exist)."""
+    return [f"--data.blend=[[1.0, {corpus.text}]]", f"--data.tokenizer={corpus.tokenizer}"]
+
+
 def gridtrain(*args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gridtrain.launcher.cli", *args], capture_output=True,
                           text=True, env=env or os.environ, timeout=60)
 
 
-def test_dry_run_prints_the_batch_script_for_8_nodes_of_8_gpus(tmp_path):
+def test_dry_run_prints_the_batch_script_for_8_nodes_of_8_gpus(tmp_path, data):
     run_dir = tmp_path / "run"
     code = ("import sys; from gridtrain.launcher.cli import main; rc = main(sys.argv[1:]); "
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'megatron')); "
@@ -26,7 +32,7 @@ def test_dry_run_prints_the_batch_script_for_8_nodes_of_8_gpus(tmp_path):
         [sys.executable, "-c", code, "submit", LLAMA_8B, "--nodes", "8", "--gpus-per-node", "8",
          "--partition", "gpu", "--time", "24:00:00", "--account", "proj", "--qos", "high",
          "--signal-grace", "300", "--max-requeues", "5", "--sbatch-arg=--exclusive", f"--train.run_dir={run_dir}",
-         "--dry-run"], capture_output=True, text=True, timeout=60)
+         *data, "--dry-run"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stderr  # validated as CUDA on a CPU host without importing torch
     script = result.stdout
@@ -61,10 +67,21 @@ def test_dry_run_prints_the_batch_script_for_8_nodes_of_8_gpus(tmp_path):
     (["--nodes", "8", "--gpus-per-node", "8"],  # run with PATH lacking sbatch
      "sbatch is not on PATH: run `gridtrain submit` where Slurm's commands are (a login node), or add "
      "--dry-run to see the batch script without submitting"),
+    # Values written into the batch script: a line break would start a line of its own.
+    (["--nodes", "8", "--gpus-per-node", "8", "--job-name", "x\n#SBATCH --no-requeue", "--dry-run"],
+     "--job-name 'x\\n#SBATCH --no-requeue': must be non-empty, without spaces, line breaks or control characters"),
+    (["--nodes", "8", "--gpus-per-node", "8", "--time", "2 hours", "--dry-run"],
+     "--time '2 hours': not a Slurm time limit; use minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
+    (["--nodes", "8", "--gpus-per-node", "8", "--time", "1:00", "--signal-grace", "120", "--dry-run"],
+     "--signal-grace 120: must be shorter than --time 1:00 (60 s), or the warning would come before the job starts"),
+    (["--nodes", "8", "--gpus-per-node", "8", "--sbatch-arg", "exclusive", "--sbatch-arg=--signal=B:USR1@60",
+      "--dry-run"],
+     "--sbatch-arg 'exclusive': must be one sbatch option on one line, e.g. --sbatch-arg=--exclusive; "
+     "--sbatch-arg '--signal=B:USR1@60': gridtrain sets --signal itself; use --signal-grace"),
 ])
-def test_errors_are_one_line_and_exit_2(flags, message, tmp_path):
+def test_errors_are_one_line_and_exit_2(flags, message, tmp_path, data):
     env = {**os.environ, "PATH": str(tmp_path)}  # no sbatch here, whatever the machine has
-    result = gridtrain("submit", LLAMA_8B, *flags, f"--train.run_dir={tmp_path / 'run'}", env=env)
+    result = gridtrain("submit", LLAMA_8B, *flags, f"--train.run_dir={tmp_path / 'run'}", *data, env=env)
     assert (result.returncode, result.stderr) == (2, f"gridtrain: error: {message}\n")
     assert not (tmp_path / "run").exists()
 

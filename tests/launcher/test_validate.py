@@ -7,6 +7,7 @@ import pytest
 
 from gridtrain.errors import ConfigError
 from gridtrain.launcher.config import load_config
+from gridtrain.launcher.dryrun import derived_numbers
 from gridtrain.launcher.validate import validate
 from gridtrain.train.run_config import RunConfig
 
@@ -75,11 +76,11 @@ CASES = {
                                   "of query heads; use one of 1, 2, 4, 8")),
     "hidden not divisible by heads": (
         dict(model=dict(hidden_size=100, num_attention_heads=12, num_kv_heads=None)), 2, "cpu",
-        ("model.hidden_size", 100, "must be a multiple of model.num_attention_heads (12); e.g. 96 or 108")),
+        ("model.hidden_size", 100, "must be a multiple of model.num_attention_heads (12); e.g. 96 or 108, or set model.head_dim")),
     "odd head dim with rotary": (
         dict(model=dict(hidden_size=24, num_attention_heads=8, num_kv_heads=None)), 2, "cpu",
         ("model.hidden_size", 24, "gives an odd head dim (3) with model.num_attention_heads (8); rotary embeddings "
-                                  "rotate pairs, so make hidden_size / heads even")),
+                                  "rotate pairs, so make hidden_size / heads even (or set model.head_dim)")),
     "ffn not divisible by TP": (
         dict(model=dict(ffn_hidden_size=1004, num_kv_heads=8), parallel=dict(tensor_parallel=8)), 8, "cpu",
         ("model.ffn_hidden_size", 1004, "must be a multiple of parallel.tensor_parallel (8): the MLP's columns "
@@ -107,7 +108,7 @@ CASES = {
         ("model.make_vocab_size_divisible_by", 0, "must be >= 1 (the vocab is padded to a multiple of it x "
          "parallel.tensor_parallel so every TP rank holds an equal slice; Megatron's default is 128)")),
     "bf16 at ZeRO-0 without a pipeline": (
-        dict(train=dict(dtype="bf16")), 2, "cpu",
+        dict(train=dict(dtype="bf16"), parallel=dict(zero_stage=0)), 2, "cpu",
         ("parallel.zero_stage", 0, "with train.dtype bf16 and no pipeline, DeepSpeed's ZeRO-0 bf16 optimizer drifts "
          "from fp32-master AdamW and miscounts the gradient norm under TP; use zero_stage 1 (the same memory at "
          "data_parallel 1)")),
@@ -154,7 +155,8 @@ CASES = {
                                  'positive sum, e.g. "98,1,1"')),
     "no tokenizer": (
         dict(data=dict(tokenizer=None)), 2, "cpu",
-        ("data.tokenizer", None, "set the SentencePiece .model path (gridtrain tokenizer trains one); the datasets "
+        ("data.tokenizer", None, "set the tokenizer the shards were made with: a SentencePiece .model, a "
+                                 "tokenizer.json or a Hugging Face folder (gridtrain tokenizer trains one); the datasets "
                                  "need its end-of-document id")),
 }
 
@@ -193,7 +195,14 @@ def test_several_problems_give_one_error_listing_all():
 
 # preset -> (device, world size) it is meant for
 PRESETS = {"tiny-llama": ("cpu", 2), "gpt2-124m": ("cuda", 8), "llama-1b": ("cuda", 8),
-           "llama-8b": ("cuda", 64), "llama-70b": ("cuda", 256)}
+           "llama-8b": ("cuda", 64), "llama-70b": ("cuda", 256), "llama-3.2-1b": ("cuda", 8),
+           "llama-3.1-8b": ("cuda", 32), "qwen2.5-0.5b": ("cuda", 8), "qwen3-0.6b": ("cuda", 8),
+           "smollm2-135m": ("cuda", 8)}
+# The parameter counts the model cards publish (the safetensors totals of the Hugging Face repos
+# meta-llama/Llama-3.2-1B, meta-llama/Llama-3.1-8B, Qwen/Qwen2.5-0.5B, Qwen/Qwen3-0.6B-Base,
+# HuggingFaceTB/SmolLM2-135M; tied heads counted once).
+PUBLISHED_PARAMETERS = {"llama-3.2-1b": 1_235_814_400, "llama-3.1-8b": 8_030_261_248, "qwen2.5-0.5b": 494_032_768,
+                        "qwen3-0.6b": 596_049_920, "smollm2-135m": 134_515_008}
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -203,6 +212,14 @@ def test_presets_pass_at_their_world_size(name):
     validate(cfg, world, device)
     with pytest.raises(ConfigError):  # and the check is live: one rank too many fails
         validate(cfg, world + 1, device)
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_PARAMETERS))
+def test_family_presets_count_the_published_parameters(name):
+    device, world = PRESETS[name]
+    cfg = load_config([str(CONFIGS / f"{name}.yaml")])
+    layout = validate(cfg, world, device)
+    assert derived_numbers(cfg, layout)["parameters"] == PUBLISHED_PARAMETERS[name]
 
 
 def test_real_llama_dims():

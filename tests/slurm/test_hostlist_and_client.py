@@ -25,7 +25,7 @@ def test_expand_nodelist(nodelist, hosts):
 
 
 def test_bad_nodelist_is_a_user_error():
-    with pytest.raises(UserError, match="cannot read range 'a-b'"):
+    with pytest.raises(UserError, match=r"^SLURM_JOB_NODELIST: 'node\[a-b\]' is not a Slurm hostlist \(cannot read the range 'a-b'\)"):
         expand_nodelist("node[a-b]")
 
 

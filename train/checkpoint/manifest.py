@@ -151,6 +151,10 @@ def read_manifest(ckpt: Path) -> dict:
     manifest = json.loads((Path(ckpt) / MANIFEST_NAME).read_text(encoding="utf-8"))
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{MANIFEST_NAME} is not a {FORMAT} manifest")
+    shapes = {"step": int, "layout": dict, "versions": dict, "total_bytes": int, "files": dict}
+    broken = [key for key, kind in shapes.items() if not isinstance(manifest.get(key), kind)]
+    if broken or not all(isinstance(e, dict) and isinstance(e.get("size"), int) for e in manifest["files"].values()):
+        raise ValueError(f"{MANIFEST_NAME} is incomplete ({', '.join(broken) or 'files'} missing or malformed)")
     return manifest
 
 

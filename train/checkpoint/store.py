@@ -8,7 +8,8 @@ filesystem, so a reader sees a checkpoint completely or not at all. No torch imp
         manifest.json           written last: files + sizes + sha256, layout, versions
         gridtrain_state.json    TrainState, config, layout
         rng/rank_00000.pt       per-rank RNG states
-        tokenizer.model         copy of the run's tokenizer (if any)
+        tokenizer.model         copy of the run's tokenizer (if any): a SentencePiece model, or
+        tokenizer/              a Hugging Face tokenizer's files (tokenizer.json, tokenizer_config.json, ...)
         ds/...                  DeepSpeed's own files (mp_rank_*, zero_pp_rank_*, layer_*)
 """
 import re
@@ -50,6 +51,18 @@ def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = [(step_of(p.name), p) for p in ckpt_dir.iterdir() if p.is_dir()]
     return sorted((step, path) for step, path in found if step is not None)
+
+
+def checkpoint_folder_problem(path: Path) -> str | None:
+    """None if `path` is a folder of checkpoints (what `checkpoint reshard --out` writes), else why
+    not: for gridtrain.outputs' --force rule."""
+    if not path.is_dir():
+        return "a file, not a folder"
+    if not list_checkpoints(path):
+        return "no step_XXXXXXXX checkpoint in it"
+    other = [p.name for p in path.iterdir()
+             if p.name != LATEST_NAME and not p.name.startswith(".") and step_of(p.name) is None]
+    return f"it holds {other[0]!r}, which a checkpoint folder does not" if other else None
 
 
 def read_latest(ckpt_dir: Path) -> str | None:
@@ -184,21 +197,24 @@ def choose_valid(paths: list[Path], verify=None) -> tuple[Path | None, list[str]
     return None, rejected
 
 
+RESUME_FIX = "restore the files, pick one with --resume-from PATH, or start fresh with --no-resume"
+
+
 def find_resumable(ckpt_dir: Path, verify=None, what: str | None = None, listed=candidates,
-                   warn=_warn) -> Path | None:
+                   warn=_warn, fix: str = RESUME_FIX) -> Path | None:
     """The newest valid checkpoint in `ckpt_dir`, warning for each invalid one skipped. None if the
     folder holds no checkpoint at all; CheckpointError if it holds some but none is valid.
     `listed(ckpt_dir)` gives the checkpoints to try, newest first; `what` names the setting in
-    the error (default: checkpoint.dir)."""
+    the error (default: checkpoint.dir) and `fix` what to do about it."""
     paths = listed(ckpt_dir)
     if not paths:
         return None
     chosen, rejected = choose_valid(paths, verify)
-    for message in rejected:
-        warn(message)
     if chosen is None:
         what = what or f"checkpoint.dir={str(ckpt_dir)!r}"
         raise CheckpointError(
             f"{what}: none of its {len(paths)} checkpoints is valid (" + " | ".join(rejected)
-            + "); restore the files, pick one with --resume-from PATH, or start fresh with --no-resume")
+            + f"); {fix}")
+    for message in rejected:  # fell back to an older one: say which were skipped, and why
+        warn(message)
     return chosen
