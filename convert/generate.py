@@ -1,13 +1,12 @@
-"""What `gridtrain generate` runs: the source's weights in a one-rank Decoder (TP = PP = 1) and its
-SentencePiece tokenizer around gridtrain.model.generation."""
+"""What `gridtrain generate` runs: the source's weights in a one-rank Decoder (TP = PP = 1) and the
+tokenizer it carries (gridtrain.data.tokenizer, any kind) around gridtrain.model.generation."""
 import contextlib
 import sys
 
-import sentencepiece as spm
 import torch
 
 from gridtrain.convert.sources import open_weights
-from gridtrain.data.spm_model import special_ids
+from gridtrain.data.tokenizer import load_tokenizer
 from gridtrain.errors import UserError
 from gridtrain.model.decoder import Decoder
 from gridtrain.model.generation import Sampling, fuse_projections, generate
@@ -17,39 +16,46 @@ from gridtrain.parallel.groups import initialize_single
 
 
 class Generator:
-    def __init__(self, decoder, tokenizer: str):
+    def __init__(self, decoder, tokenizer):
         self.decoder = decoder
-        self.sp = spm.SentencePieceProcessor(model_file=tokenizer)
-        self.ids = special_ids(self.sp)
+        self.tokenizer = tokenizer
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt as a document starts in the training data (a BOS where the tokenizer adds
+        one, as transformers' tokenizer(prompt) does), without the end of document."""
+        ids = self.tokenizer.documents([prompt])[0][:-1]
+        return ids or [self.tokenizer.bos if self.tokenizer.bos >= 0 else self.tokenizer.eod]
 
     def complete(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stream=None) -> list[str]:
-        """The completion of each prompt (text after it, up to eos); with `stream`, the single
-        prompt's text is written to it as the tokens come."""
-        encoded = [self.sp.encode(prompt) or [self.ids["bos"]] for prompt in prompts]
+        """The completion of each prompt (text after it, up to eos or an end-of-turn token); with
+        `stream`, the single prompt's text is written to it as the tokens come, each character once
+        it is complete."""
         sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
-        shown = [""]
+        stops = self.tokenizer.stop_ids
+        decoder, shown = self.tokenizer.stream(), [0]
 
         def on_tokens(new: list[list[int]]) -> None:
-            text = self.text(new[0])
-            if text.startswith(shown[0]):  # byte-fallback pieces complete a character later
-                stream.write(text[len(shown[0]):])
-                stream.flush()
-                shown[0] = text
+            for token in new[0][shown[0]:]:
+                if token not in stops:
+                    stream.write(decoder.step(token))
+            shown[0] = len(new[0])
+            stream.flush()
 
         try:
-            new = generate(self.decoder, encoded, sampling, self.ids["eos"], max(self.ids["pad"], 0),
-                           on_tokens if stream is not None else None)
+            new = generate(self.decoder, [self.prompt_ids(p) for p in prompts], sampling, stops,
+                           max(self.tokenizer.pad, 0), on_tokens if stream is not None else None,
+                           vocab_size=self.tokenizer.vocab_size)
         except ValueError as exc:
             raise UserError(f"generate: {exc}; shorten the prompt or lower --max-new-tokens") from None
         if stream is not None:
-            stream.write("\n")
+            stream.write(decoder.finish() + "\n")
         return [self.text(tokens) for tokens in new]
 
     def text(self, tokens: list[int]) -> str:
-        if tokens and tokens[-1] == self.ids["eos"]:
+        if tokens and tokens[-1] in self.tokenizer.stop_ids:
             tokens = tokens[:-1]
-        return self.sp.decode(tokens)
+        return self.tokenizer.decode(tokens)
 
 
 def load_decoder(source, device: str):
@@ -71,7 +77,9 @@ def load_generator(path: str, device: str, trust_pickle: bool = False) -> Genera
     with contextlib.redirect_stdout(sys.stderr):
         source = open_weights(path, trust_pickle)
         if source.tokenizer is None:
-            raise UserError(f"{path}: no tokenizer.model there; generation needs the SentencePiece model")
-        print(f"[gridtrain] generating with {source.path} ({source.model.family}, {source.model.num_layers} layers)",
-              flush=True)
-        return Generator(load_decoder(source, device), source.tokenizer)
+            raise UserError(f"{path}: no tokenizer there (a tokenizer.json, tokenizer.model, or a checkpoint's "
+                            "copy of data.tokenizer); generation needs the one the model was trained with")
+        tokenizer = load_tokenizer(source.tokenizer)
+        print(f"[gridtrain] generating with {source.path} ({source.model.family}, {source.model.num_layers} layers, "
+              f"{tokenizer.kind} tokenizer)", flush=True)
+        return Generator(load_decoder(source, device), tokenizer)

@@ -1,10 +1,11 @@
 """Where full model weights come from: a gridtrain checkpoint (one step_* folder, or a folder of
 them: the newest valid one) or a Hugging Face folder. Both answer the same questions: `model`
 (the ModelConfig), `names()`, `shape(name)`, `tensor(name)` (full fp32, vocab unpadded, gridtrain
-names) and `tokenizer` (a SentencePiece .model path, or None)."""
+names) and `tokenizer` (the tokenizer path the source carries, for gridtrain.data.tokenizer, or None)."""
 from pathlib import Path
 
 from gridtrain.convert.hf_import import HFWeights
+from gridtrain.data.tokenizer import find_tokenizer
 from gridtrain.errors import UserError
 from gridtrain.model.naming import split_name
 from gridtrain.train.checkpoint.manifest import MANIFEST_NAME, verify_checkpoint
@@ -24,7 +25,9 @@ def resolve_checkpoint(path: Path, verify=verify_checkpoint) -> Path:
                                   "see `gridtrain checkpoint inspect` and pick another step")
         return path
     if path.is_dir() and list_checkpoints(path):
-        return find_resumable(path, verify=verify, what=f"{path}")
+        return find_resumable(path, verify=verify, what=f"{path}",
+                              fix="restore the files, or give one of its valid step_XXXXXXXX folders (see "
+                                  f"`gridtrain checkpoint inspect {path}`)")
     raise UserError(f"{path}: neither a checkpoint (a step_* folder with {MANIFEST_NAME}), a folder of "
                     "checkpoints, nor a Hugging Face model folder (config.json); give one of those")
 
@@ -35,11 +38,9 @@ def open_weights(path: str | Path, trust_pickle: bool = False, verify=verify_che
     path = Path(path)
     if (path / "config.json").exists():
         source = HFWeights(path, trust_pickle)
-        model = path / "tokenizer.model"
     else:
         source = CheckpointWeights(resolve_checkpoint(path, verify))
-        model = source.path / "tokenizer.model"
-    source.tokenizer = str(model) if model.exists() else None
+    source.tokenizer = find_tokenizer(source.path)
     return source
 
 

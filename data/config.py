@@ -14,7 +14,8 @@ class DataConfig:
     split: str = "98,1,1"
     seq_length: int = 256
     seed: int = 1234
-    tokenizer: Optional[str] = None  # SentencePiece .model path
+    # A SentencePiece .model, a tokenizer.json, or a Hugging Face folder (gridtrain.data.tokenizer).
+    tokenizer: Optional[str] = None
     # None: <run_dir>/index-cache
     cache_dir: Optional[str] = None
     reset_position_ids: bool = False

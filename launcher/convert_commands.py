@@ -4,17 +4,20 @@
 Lazy imports: the exporters and the generator import torch, transformers and gguf (several seconds,
 and transformers and gguf are the optional `hf` extra), so each handler imports what it runs."""
 import contextlib
+import math
 import sys
 from pathlib import Path
 
 from gridtrain.convert.config_from_hf import write_config_from_hf
+from gridtrain.convert.output import check_export, parse_size
 from gridtrain.errors import UserError
 from gridtrain.launcher.run_commands import resolve_device
 from gridtrain.launcher.spawn import set_rank_environment
 
 # One spelling per dtype inside; both spellings accepted on the command line.
 _HF_DTYPES = {"fp32": "fp32", "f32": "fp32", "bf16": "bf16", "fp16": "fp16", "f16": "fp16"}
-_GGUF_DTYPES = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
+_GGUF_DTYPES = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16", "q8_0": "q8_0",
+                "q4_0": "q4_0"}
 
 
 def register(subparsers) -> None:
@@ -25,7 +28,8 @@ def register(subparsers) -> None:
     convert.add_argument("source", metavar="SOURCE")
     convert.add_argument("--to", required=True, choices=("hf", "gguf", "gridtrain"))
     convert.add_argument("--out", required=True, help="output folder (hf), .gguf file (gguf) or config .yaml (gridtrain)")
-    convert.add_argument("--dtype", help="hf: fp32 (default), bf16, fp16; gguf: f32, f16 (default), bf16")
+    convert.add_argument("--dtype", help="hf: fp32 (default), bf16, fp16; gguf: f32, f16 (default), bf16, q8_0, q4_0 "
+                         "(1-D tensors stay f32; q4_0 keeps token_embd and output in q8_0)")
     convert.add_argument("--max-shard-size", default="5GB", help="hf: largest safetensors file (default 5GB)")
     convert.add_argument("--force", action="store_true", help="replace a non-empty --out (only once the new one is complete)")
     convert.add_argument("--trust-pickle", action="store_true",
@@ -59,22 +63,26 @@ def _dtype(args, table: dict, default: str) -> str:
 
 
 def convert_command(args) -> int:
+    # Everything the flags say is checked before the source is opened (a checkpoint's files are
+    # checksummed then, which takes a while for a large one).
+    check_export(args.out, args.to, args.force, sources=(args.source,))
     if args.to == "gridtrain":
         path = write_config_from_hf(Path(args.source), Path(args.out), args.force)
         print(f"wrote {path}: the model section of {args.source} with train.init_from set to it")
         return 0
+    dtype = _dtype(args, _GGUF_DTYPES, "f16") if args.to == "gguf" else _dtype(args, _HF_DTYPES, "fp32")
+    max_shard = parse_size(args.max_shard_size)
     from gridtrain.convert.sources import open_weights
 
     source = open_weights(args.source, args.trust_pickle)
     if args.to == "gguf":
         from gridtrain.convert.gguf_export import export_gguf
 
-        out = export_gguf(source, Path(args.out), _dtype(args, _GGUF_DTYPES, "f16"), args.force)
+        out = export_gguf(source, Path(args.out), dtype, args.force)
     else:
-        from gridtrain.convert.hf_export import export_hf, parse_size
+        from gridtrain.convert.hf_export import export_hf
 
-        out = export_hf(source, Path(args.out), _dtype(args, _HF_DTYPES, "fp32"), parse_size(args.max_shard_size),
-                        args.force, source.tokenizer)
+        out = export_hf(source, Path(args.out), dtype, max_shard, args.force, source.tokenizer)
     print(f"wrote {out} from {source.path}")
     return 0
 
@@ -86,21 +94,38 @@ def _prompts(args) -> list[str]:
         lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise UserError(f"--prompt-file={args.prompt_file}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--prompt-file={args.prompt_file}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                        f"offset {exc.start}); save it as UTF-8") from None
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise UserError(f"--prompt-file={args.prompt_file}: no non-empty line to generate from")
     return prompts
 
 
+def check_sampling(args) -> None:
+    """Each sampling flag in its range (NaN is in none), one line naming every one that is not."""
+    problems = []
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        problems.append(f"--temperature {args.temperature}: must be a number >= 0 (0: greedy)")
+    if args.top_k < 0:
+        problems.append(f"--top-k {args.top_k}: must be >= 0 (0: off)")
+    if not 0 < args.top_p <= 1:  # False for NaN
+        problems.append(f"--top-p {args.top_p}: must be in (0, 1] (1: off)")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 def generate_command(args) -> int:
+    check_sampling(args)
+    prompts = _prompts(args)
     # One process is one rank: the same thread count and library settings as a training rank.
     set_rank_environment(resolve_device(args.device, import_torch=False))
     with contextlib.redirect_stdout(sys.stderr):  # library notices at import: stdout is the text
         from gridtrain.convert.generate import load_generator
 
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
-        raise UserError("--max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1 are needed")
-    prompts = _prompts(args)
     generator = load_generator(args.source, args.device, args.trust_pickle)
     stream = sys.stdout if len(prompts) == 1 else None
     for text in generator.complete(prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,

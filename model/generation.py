@@ -40,10 +40,10 @@ class KVCache:
         else:
             self.attention_mask = {"attn_mask": self.mask(new)}
 
-    def rotary(self, position_ids: torch.Tensor, head_dim: int, theta: float):
+    def rotary(self, position_ids: torch.Tensor, cfg):
         """rotary_cos_sin of this step's positions, computed by the first layer that asks."""
         if self._rotary is None:
-            self._rotary = rotary_cos_sin(position_ids, head_dim, theta)
+            self._rotary = rotary_cos_sin(position_ids, cfg)
         return self._rotary
 
     def mask(self, new: int) -> torch.Tensor:
@@ -78,7 +78,7 @@ def fuse_projections(decoder) -> None:
         attn = block.attn
         attn.fused_qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
         if block.mlp.family == "llama":
-            block.mlp.fused_gate_up = fuse([block.mlp.gate_proj, block.mlp.up_proj])[0]
+            block.mlp.fused_gate_up = fuse([block.mlp.gate_proj, block.mlp.up_proj])
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,15 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -
 
 
 @torch.inference_mode()
-def generate(decoder, prompts: list[list[int]], sampling: Sampling, eos_id: int, pad_id: int = 0,
-             on_tokens: Optional[Callable[[list[list[int]]], None]] = None) -> list[list[int]]:
-    """New token ids for each prompt (stopping after eos, which is included); `on_tokens(new)` is
-    called after every step with all new tokens so far (for streaming)."""
+def generate(decoder, prompts: list[list[int]], sampling: Sampling, stop_ids, pad_id: int = 0,
+             on_tokens: Optional[Callable[[list[list[int]]], None]] = None,
+             vocab_size: Optional[int] = None) -> list[list[int]]:
+    """New token ids for each prompt, each stopping after the first id in `stop_ids` (eos, an
+    end-of-turn token; included); `on_tokens(new)` is called after every step with all new tokens
+    so far (for streaming). Only ids below `vocab_size` (None: the model's) are chosen: a model
+    vocab larger than its tokenizer's has rows that are no token."""
     cfg, device = decoder.cfg, next(decoder.parameters()).device
+    vocab = min(cfg.vocab_size, vocab_size or cfg.vocab_size)
     longest = max(len(p) for p in prompts)
     capacity = longest + sampling.max_new_tokens
     if capacity > cfg.max_seq_len:
@@ -119,7 +123,7 @@ def generate(decoder, prompts: list[list[int]], sampling: Sampling, eos_id: int,
                          f"model's max_seq_len ({cfg.max_seq_len})")
     batch = len(prompts)
     tokens = torch.full((batch, longest), pad_id, dtype=torch.long, device=device)
-    cache = KVCache(cfg.num_layers, batch, cfg.kv_heads, cfg.head_dim, capacity,
+    cache = KVCache(cfg.num_layers, batch, cfg.kv_heads, cfg.head_size, capacity,
                     next(decoder.parameters()).dtype, device)
     for row, prompt in enumerate(prompts):
         tokens[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
@@ -128,17 +132,19 @@ def generate(decoder, prompts: list[list[int]], sampling: Sampling, eos_id: int,
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     new = [[] for _ in prompts]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    logits = decoder.forward_cached(tokens, positions, cache)[:, -1, :cfg.vocab_size]
+    stops = torch.tensor(sorted({stop_ids} if isinstance(stop_ids, int) else set(stop_ids)), dtype=torch.long,
+                         device=device)
+    logits = decoder.forward_cached(tokens, positions, cache)[:, -1, :vocab]
     for step in range(sampling.max_new_tokens):
         chosen = pick(logits, sampling, generator)
         for row in (~finished).nonzero().flatten().tolist():
             new[row].append(int(chosen[row]))
-        finished |= chosen == eos_id
+        finished |= torch.isin(chosen, stops)
         if on_tokens is not None:
             on_tokens(new)
         if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
             break
         cache.valid[:, cache.length] = True
         positions = positions[:, -1:] + 1
-        logits = decoder.forward_cached(chosen[:, None], positions, cache)[:, -1, :cfg.vocab_size]
+        logits = decoder.forward_cached(chosen[:, None], positions, cache)[:, -1, :vocab]
     return new

@@ -16,7 +16,7 @@ import torch
 
 from gridtrain.data.datasets import build_datasets, default_cache_dir, run_samples
 from gridtrain.data.loader import batches
-from gridtrain.data.tokenizer import SentencePieceTokenizer
+from gridtrain.data.tokenizer import load_tokenizer
 from gridtrain.errors import UserError
 from gridtrain.model.flops import training_flops_per_token
 from gridtrain.parallel import groups
@@ -173,9 +173,10 @@ def build_trainer(cfg: RunConfig, ctx: ParallelContext, stop: StopRequest,
 
 def build_data(cfg: RunConfig) -> tuple:
     """Train and validation datasets sized by run_samples."""
-    if not cfg.data.tokenizer:
-        raise UserError("data.tokenizer=None: set it to the SentencePiece .model file the shards were made with")
-    tokenizer = SentencePieceTokenizer(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)  # validation made sure one is set
+    if tokenizer.vocab_size > cfg.model.vocab_size:  # the launcher checked tokenizer.json's count alone
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size}: the tokenizer {cfg.data.tokenizer} has "
+                        f"{tokenizer.vocab_size} tokens; set model.vocab_size to at least {tokenizer.vocab_size}")
     cache_dir = default_cache_dir(cfg.data, cfg.train.run_dir)
     samples = run_samples(cfg.train.steps, cfg.train.global_batch_size, cfg.train.eval_steps)
     train_data, valid_data, _ = build_datasets(cfg.data, samples, cache_dir, tokenizer)

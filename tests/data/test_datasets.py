@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from datatest_corpus import write_jsonl
+from shared_corpus import write_jsonl
 
 from gridtrain.data.config import DataConfig
 from gridtrain.data.datasets import build_datasets, read_manifest

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 import sentencepiece as spm
-from datatest_corpus import write_jsonl
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+from shared_corpus import write_jsonl
 
 from gridtrain.data.preprocess import PreprocessOptions, preprocess
-from gridtrain.data.spm_model import special_ids
+from gridtrain.data.tokenizer import SentencePieceTokenizer
 from gridtrain.errors import UserError
 
 QUIET = open(os.devnull, "w")
@@ -31,8 +31,9 @@ def read_docs(prefix) -> list[list[int]]:
 
 
 def expected_ids(model, docs) -> list[list[int]]:
+    """SentencePiece's own ids of each document, then the tokenizer's eod."""
     sp = spm.SentencePieceProcessor(model_file=model)
-    eod = special_ids(sp)["eod"]
+    eod = SentencePieceTokenizer(model).eod
     return [ids + [eod] for ids in sp.encode(docs, out_type=int)]
 
 

@@ -39,29 +39,29 @@ def greedy_by_full_forward(model, prompt: list[int], steps: int) -> list[int]:
 @pytest.mark.parametrize("family", list(CONFIGS))
 def test_cached_greedy_equals_full_forward_and_batching_changes_nothing(family):
     model = decoder(family)
-    alone = [generate(model, [p], Sampling(max_new_tokens=12), eos_id=-1)[0] for p in PROMPTS]
+    alone = [generate(model, [p], Sampling(max_new_tokens=12), stop_ids=())[0] for p in PROMPTS]
     assert alone == [greedy_by_full_forward(model, p, 12) for p in PROMPTS]
     assert len({tuple(a) for a in alone}) == len(PROMPTS) and all(len(set(a)) > 2 for a in alone)
     # One batch, left-padded to the longest prompt: each row as if generated alone.
-    assert generate(model, PROMPTS, Sampling(max_new_tokens=12), eos_id=-1) == alone
+    assert generate(model, PROMPTS, Sampling(max_new_tokens=12), stop_ids=()) == alone
     # Fusing q/k/v (and gate/up) for inference changes no token.
-    assert [generate(decoder(family, fused=False), [p], Sampling(max_new_tokens=12), eos_id=-1)[0] for p in PROMPTS] == alone
+    assert [generate(decoder(family, fused=False), [p], Sampling(max_new_tokens=12), stop_ids=())[0] for p in PROMPTS] == alone
 
 
 def test_eos_stops_and_sampling_is_seeded():
     model = decoder("llama")
-    greedy = generate(model, [PROMPTS[0]], Sampling(max_new_tokens=12), eos_id=-1)[0]
-    stopped = generate(model, [PROMPTS[0]], Sampling(max_new_tokens=12), eos_id=greedy[3])[0]
+    greedy = generate(model, [PROMPTS[0]], Sampling(max_new_tokens=12), stop_ids=())[0]
+    stopped = generate(model, [PROMPTS[0]], Sampling(max_new_tokens=12), stop_ids={greedy[3]})[0]
     assert stopped == greedy[:greedy.index(greedy[3]) + 1]  # up to and including the first eos
     hot = Sampling(max_new_tokens=24, temperature=1.5, top_p=0.95, seed=7)
-    first = generate(model, [PROMPTS[0]], hot, eos_id=-1)[0]
-    assert generate(model, [PROMPTS[0]], hot, eos_id=-1)[0] == first  # same seed, same tokens
-    assert generate(model, [PROMPTS[0]], Sampling(24, 1.5, 0, 0.95, seed=8), eos_id=-1)[0] != first
-    assert first != generate(model, [PROMPTS[0]], Sampling(max_new_tokens=24), eos_id=-1)[0]
+    first = generate(model, [PROMPTS[0]], hot, stop_ids=())[0]
+    assert generate(model, [PROMPTS[0]], hot, stop_ids=())[0] == first  # same seed, same tokens
+    assert generate(model, [PROMPTS[0]], Sampling(24, 1.5, 0, 0.95, seed=8), stop_ids=())[0] != first
+    assert first != generate(model, [PROMPTS[0]], Sampling(max_new_tokens=24), stop_ids=())[0]
     top1 = Sampling(max_new_tokens=12, temperature=1.0, top_k=1, seed=3)  # sampling among one: greedy
-    assert generate(model, [PROMPTS[0]], top1, eos_id=-1)[0] == greedy
+    assert generate(model, [PROMPTS[0]], top1, stop_ids=())[0] == greedy
 
 
 def test_too_long_is_refused():
     with pytest.raises(ValueError, match="exceed the model's max_seq_len"):
-        generate(decoder("gpt2"), [list(range(60))], Sampling(max_new_tokens=8), eos_id=-1)
+        generate(decoder("gpt2"), [list(range(60))], Sampling(max_new_tokens=8), stop_ids=())

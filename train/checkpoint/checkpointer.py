@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from gridtrain.data.tokenizer import load_tokenizer
 from gridtrain.model.config import ModelConfig
 from gridtrain.parallel.collectives import all_gather_object, any_rank, barrier, broadcast_object, rank_and_world
 from gridtrain.parallel.deepspeed_compat import UNIVERSAL_KEY
@@ -108,7 +109,8 @@ class Checkpointer:
         self.save_context = SaveContext(
             ckpt_dir=self.dir, layout={**layout.record(), "dtype": run.dtype},
             config={**run.config, "model": dataclasses.asdict(run.model)},  # readers rebuild the model from it
-            versions=library_versions(), tokenizer=run.tokenizer, keep_last=cfg.keep_last, keep_every=cfg.keep_every)
+            versions=library_versions(), keep_last=cfg.keep_last, keep_every=cfg.keep_every,
+            tokenizer_files=tuple(load_tokenizer(run.tokenizer).files()) if run.tokenizer else ())
         self.last_saved_step: int | None = None
         self.last_result: SaveResult | None = None
         self._last_save_time = time.monotonic()

@@ -46,7 +46,6 @@ from gridtrain.train.checkpoint.state import TrainState
 from gridtrain.train.checkpoint.store import BackgroundDeleter, CheckpointError, publish, read_latest, retire, temp_path
 
 DS_TAG = "ds"
-TOKENIZER_NAME = "tokenizer.model"
 # Free space below which a failed write is reported as a full disk.
 _FULL_BELOW = 4 * 2**20
 # A shard being written starts the flush of what it has so far every this many bytes.
@@ -60,7 +59,7 @@ class SaveContext:
     layout: dict
     config: dict
     versions: dict
-    tokenizer: str | None = None
+    tokenizer_files: tuple = ()  # (name in the checkpoint, source path) of the run's tokenizer
     keep_last: int = 0
     keep_every: int = 0
 
@@ -301,12 +300,17 @@ def _gridtrain_files(state: TrainState, ctx: SaveContext, rank: int) -> list[tup
     if rank == 0:
         record = {"train_state": state.to_dict(), "layout": ctx.layout, "config": ctx.config,
                   "versions": ctx.versions, "ds_tag": DS_TAG, "tokenizer": None}
-        if ctx.tokenizer:
-            record["tokenizer"] = TOKENIZER_NAME
-            writes.append((TOKENIZER_NAME, lambda target: shutil.copyfile(ctx.tokenizer, target)))
+        if ctx.tokenizer_files:
+            record["tokenizer"] = ctx.tokenizer_files[0][0].split("/")[0]  # tokenizer.model, or tokenizer/
+            writes += [(rel, lambda target, source=source: _copy(source, target)) for rel, source in ctx.tokenizer_files]
         text = json.dumps(record, indent=2, sort_keys=True)
         writes.append((STATE_NAME, lambda target: target.write_text(text, encoding="utf-8")))
     return writes
+
+
+def _copy(source: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
 
 
 def _write_gridtrain_files(tmp: Path, writes: list) -> tuple[dict, str | None]:
