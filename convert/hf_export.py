@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig, GPT2Config, LlamaConfig
+from transformers import GenerationConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from gridtrain.convert.hf_names import to_hf
 from gridtrain.convert.hf_tokenizer import write_tokenizer_files
-from gridtrain.convert.output import publish_folder, temporary_folder
+from gridtrain.convert.output import check_export, publish_folder, temporary_folder
 from gridtrain.convert.safetensors_stream import Planned, ShardWriter, plan_shards
 from gridtrain.convert.sources import layer_names
+from gridtrain.data.tokenizer import load_tokenizer
 from gridtrain.errors import UserError
 from gridtrain.model.config import ModelConfig
 from gridtrain.model.naming import split_name
@@ -25,24 +26,64 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def _rope_parameters(model: ModelConfig) -> dict:
+    """transformers 5's rope_parameters of the model's rotary embedding."""
+    params = {"rope_type": "default" if model.rope_scaling == "none" else model.rope_scaling,
+              "rope_theta": model.rope_theta}
+    if model.rope_scaling == "linear":
+        params["factor"] = model.rope_factor
+    elif model.rope_scaling == "llama3":
+        params.update(factor=model.rope_factor, low_freq_factor=model.rope_low_freq_factor,
+                      high_freq_factor=model.rope_high_freq_factor,
+                      original_max_position_embeddings=model.rope_original_max_positions)
+    return params
+
+
+def _options_problem(model: ModelConfig, kind: str) -> str | None:
+    """Why the model's options cannot be written as transformers' `kind`, or None: each model class
+    hard-codes which projections have biases and whether q/k are normed."""
+    attention_bias = model.qkv_bias and model.attn_out_bias
+    fits = {"llama": not model.qk_norm and model.qkv_bias == model.attn_out_bias,
+            "mistral": not (model.qk_norm or model.qkv_bias or model.attn_out_bias or model.mlp_bias),
+            "qwen2": not model.qk_norm and model.qkv_bias and not model.attn_out_bias and not model.mlp_bias,
+            "qwen3": model.qk_norm and model.qkv_bias == model.attn_out_bias and not model.mlp_bias}
+    if fits[kind]:
+        return None
+    return (f"model.hf_model_type={kind!r}: transformers' {kind} has no model with qk_norm={model.qk_norm}, "
+            f"qkv_bias={model.qkv_bias}, attn_out_bias={model.attn_out_bias}, mlp_bias={model.mlp_bias} "
+            f"(attention_bias {attention_bias}); set hf_model_type to null to let gridtrain pick the one that fits")
+
+
 def hf_config(model: ModelConfig, dtype: str, ids: dict):
     """transformers' own config class for the model (so every field its version expects is set)."""
     tokens = {"bos_token_id": ids.get("bos"), "eos_token_id": ids.get("eos"), "pad_token_id": ids.get("pad")}
-    if model.family == "llama":
-        config = LlamaConfig(
-            vocab_size=model.vocab_size, hidden_size=model.hidden_size, intermediate_size=model.ffn_size,
-            num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
-            num_key_value_heads=model.kv_heads, head_dim=model.head_dim, hidden_act="silu",
-            max_position_embeddings=model.max_seq_len, rms_norm_eps=model.norm_eps, rope_theta=model.rope_theta,
-            tie_word_embeddings=model.tied, attention_bias=False, mlp_bias=False, dtype=HF_DTYPE_NAMES[dtype], **tokens)
-        config.architectures = ["LlamaForCausalLM"]
-    else:
+    if model.family == "gpt2":
         config = GPT2Config(
             vocab_size=model.vocab_size, n_embd=model.hidden_size, n_layer=model.num_layers,
             n_head=model.num_attention_heads, n_inner=model.ffn_size, n_positions=model.max_seq_len,
             layer_norm_epsilon=model.norm_eps, activation_function="gelu_new", tie_word_embeddings=True,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, dtype=HF_DTYPE_NAMES[dtype], **tokens)
         config.architectures = ["GPT2LMHeadModel"]
+        return config
+    kind = model.export_model_type
+    problem = _options_problem(model, kind)
+    if problem:
+        raise UserError(f"--to hf: {problem}")
+    common = dict(
+        vocab_size=model.vocab_size, hidden_size=model.hidden_size, intermediate_size=model.ffn_size,
+        num_hidden_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.kv_heads, head_dim=model.head_size, hidden_act="silu",
+        max_position_embeddings=model.max_seq_len, rms_norm_eps=model.norm_eps,
+        rope_parameters=_rope_parameters(model), tie_word_embeddings=model.tied, dtype=HF_DTYPE_NAMES[dtype], **tokens)
+    if kind == "llama":
+        config = LlamaConfig(attention_bias=model.qkv_bias, mlp_bias=model.mlp_bias, **common)
+    elif kind == "mistral":
+        config = MistralConfig(sliding_window=None, **common)
+    elif kind == "qwen2":
+        config = Qwen2Config(use_sliding_window=False, **common)
+    else:
+        config = Qwen3Config(attention_bias=model.qkv_bias, use_sliding_window=False, **common)
+    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
     return config
 
 
@@ -86,31 +127,23 @@ def write_weights(source, folder: Path, dtype: str, max_shard_bytes: int) -> lis
 
 
 def export_hf(source, out: Path, dtype: str, max_shard_bytes: int, force: bool, tokenizer: str | None) -> Path:
-    """Write the HF folder `out` for `source`; refuses a non-empty `out` unless `force`."""
+    """Write the HF folder `out` for `source` with `tokenizer` (a path gridtrain.data.tokenizer
+    reads); refuses a non-empty `out` unless `force`."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype={dtype}: use one of {', '.join(DTYPES)}")
     if tokenizer is None:
-        raise UserError(f"{source.path}: no tokenizer.model to export with the weights; the checkpoint's run "
-                        "had no data.tokenizer")
-    with temporary_folder(out, force) as folder:
+        raise UserError(f"{source.path}: no tokenizer to export with the weights (a checkpoint records "
+                        "data.tokenizer, an HF folder holds tokenizer.json or tokenizer.model)")
+    tokenizer = load_tokenizer(tokenizer)
+    check_export(out, "hf", force, sources=(source.path,))
+    with temporary_folder(out) as folder:
         ids = write_tokenizer_files(tokenizer, folder, source.model.max_seq_len)
         hf_config(source.model, dtype, ids).save_pretrained(folder)
-        # eos stops generation; greedy by default, as `gridtrain generate` at temperature 0.
-        GenerationConfig(bos_token_id=ids.get("bos"), eos_token_id=ids.get("eos"), pad_token_id=ids.get("pad"),
-                         do_sample=False).save_pretrained(folder)
+        # eos (and end-of-turn tokens) stop generation; greedy by default, as `gridtrain generate`.
+        stops = sorted(tokenizer.stop_ids)
+        GenerationConfig(bos_token_id=ids.get("bos"), eos_token_id=stops[0] if len(stops) == 1 else stops,
+                         pad_token_id=ids.get("pad"), do_sample=False).save_pretrained(folder)
         write_weights(source, folder, dtype, max_shard_bytes)
         for path in folder.iterdir():
             fsync_file(path)
-        return publish_folder(folder, out, force)
-
-
-def parse_size(text: str) -> int:
-    """"5GB", "500MB", "2GiB", "1024" (bytes) -> bytes, as transformers' max_shard_size reads them."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    upper = text.strip().upper()
-    for unit, factor in units.items():
-        if upper.endswith(unit) and upper[:-len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(upper[:-len(unit)]) * factor)
-    if upper.isdigit():
-        return int(upper)
-    raise UserError(f"--max-shard-size={text!r}: give a size like 5GB, 500MB or 2GiB")
+        return publish_folder(folder, out)

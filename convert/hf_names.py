@@ -26,6 +26,24 @@ LLAMA_BLOCK = {
     "mlp.up_proj.weight": "mlp.up_proj.weight",
     "mlp.down_proj.weight": "mlp.down_proj.weight",
 }
+# The llama family's options (ModelConfig), each adding tensors named alike in both formats.
+LLAMA_OPTIONAL = {
+    "qkv_bias": {f"attn.{p}_proj.bias": f"self_attn.{p}_proj.bias" for p in "qkv"},
+    "attn_out_bias": {"attn.o_proj.bias": "self_attn.o_proj.bias"},
+    "qk_norm": {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"},
+    "mlp_bias": {f"mlp.{p}_proj.bias": f"mlp.{p}_proj.bias" for p in ("gate", "up", "down")},
+}
+
+
+def llama_block(cfg: ModelConfig) -> dict[str, str]:
+    """gridtrain key -> HF name (within a layer) of a llama-family block with cfg's options."""
+    block = dict(LLAMA_BLOCK)
+    for option, names in LLAMA_OPTIONAL.items():
+        if getattr(cfg, option):
+            block.update(names)
+    return block
+
+
 # gpt2 block tensors that map one to one (Conv1D weights are transposed on the way).
 GPT2_BLOCK = {
     "attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias",
@@ -49,7 +67,7 @@ def _simple(cfg: ModelConfig, layer: int) -> dict[str, str]:
     if layer == head_index(cfg.num_layers):
         return {} if cfg.tied else {"proj.weight": "lm_head.weight"}
     prefix = f"model.layers.{layer - 1}." if llama else f"transformer.h.{layer - 1}."
-    return {key: prefix + name for key, name in (LLAMA_BLOCK if llama else GPT2_BLOCK).items()}
+    return {key: prefix + name for key, name in (llama_block(cfg) if llama else GPT2_BLOCK).items()}
 
 
 def _conv1d(cfg: ModelConfig, key: str) -> bool:

@@ -8,11 +8,26 @@ from gridtrain.train.checkpoint.manifest import MANIFEST_NAME, saved_model
 from gridtrain.train.checkpoint.store import list_checkpoints
 
 
+def hf_weights_problem(folder: Path) -> str | None:
+    """Why an HF folder has no weights gridtrain can read, or None: safetensors files, else pickle
+    .bin files (read only with --trust-pickle)."""
+    if any(Path(folder).glob("*.safetensors")) or any(Path(folder).glob("*.bin")):
+        return None
+    return (f"{folder}: no *.safetensors (or *.bin) weights next to config.json; download the model's weight "
+            "files too, or give the folder that holds them")
+
+
 def source_model_config(path: str | Path):
     """Only the ModelConfig of the source at `path`, cheaply (no tensors, no checksums)."""
     path = Path(path)
     if (path / "config.json").exists():
-        return model_config_from_hf(path)
+        model = model_config_from_hf(path)
+        problem = hf_weights_problem(path)
+        if problem:
+            raise UserError(problem)
+        return model
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder; give a Hugging Face model folder or a gridtrain checkpoint")
     if not (path / MANIFEST_NAME).exists() and path.is_dir() and list_checkpoints(path):
         path = list_checkpoints(path)[-1][1]
     if not (path / MANIFEST_NAME).exists():
@@ -29,7 +44,13 @@ def init_from_problems(model, path: str) -> list[tuple[str, object, str]]:
     except UserError as exc:
         return [("train.init_from", path, str(exc))]
     fields = ["family", "hidden_size", "num_layers", "num_attention_heads", "kv_heads", "ffn_size", "tied", "norm_eps"]
-    fields += ["rope_theta"] if model.family == "llama" else ["max_seq_len"]
+    if model.family == "llama":
+        fields += ["head_size", "qkv_bias", "attn_out_bias", "mlp_bias", "qk_norm", "rope_theta", "rope_scaling"]
+        if theirs.rope_scaling != "none":
+            fields += ["rope_factor"] + (["rope_low_freq_factor", "rope_high_freq_factor",
+                                          "rope_original_max_positions"] if theirs.rope_scaling == "llama3" else [])
+    else:
+        fields += ["max_seq_len"]
     problems = []
     for field in fields:
         mine, source = getattr(model, field), getattr(theirs, field)

@@ -14,14 +14,14 @@ from gridtrain.model.init import normal_init
 
 class MLP(nn.Module):
     """gpt2: fc_out(gelu_tanh(fc_in(x))) with biases (GPT-2's "gelu_new").
-    llama: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases; gate and up are separate
+    llama: down_proj(silu(gate_proj(x)) * up_proj(x)), biases only with mlp_bias; gate and up are separate
     ColumnParallelLinears so their full weights do not depend on TP."""
 
     def __init__(self, cfg: ModelConfig, mp_config: ModelParallelConfig):
         super().__init__()
         self.family = cfg.family
         h, f = cfg.hidden_size, cfg.ffn_size
-        bias = cfg.family == "gpt2"
+        bias = cfg.bias("mlp")
         column = dict(config=mp_config, init_method=normal_init(cfg.init_std), bias=bias, gather_output=False)
         out_init = normal_init(cfg.init_std / math.sqrt(2.0 * cfg.num_layers))
         row = dict(config=mp_config, init_method=out_init, bias=bias, input_is_parallel=True, skip_bias_add=False)
@@ -39,7 +39,7 @@ class MLP(nn.Module):
         if self.family == "gpt2":
             return project(self.fc_out, F.gelu(project(self.fc_in, x), approximate="tanh"))
         if hasattr(self, "fused_gate_up"):  # inference: one matmul (gridtrain.model.generation.fuse_projections)
-            gate, up = F.linear(x, self.fused_gate_up).chunk(2, dim=-1)
+            gate, up = F.linear(x, *self.fused_gate_up).chunk(2, dim=-1)
         else:
             gate, up = project(self.gate_proj, x), project(self.up_proj, x)
         return project(self.down_proj, F.silu(gate) * up)

@@ -32,10 +32,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, h) -> (B, T, h)
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., h) -> (..., h), over the last dimension; `weight` stands in for self.weight (a
+        view of it that communicates its gradient, see SelfAttention._head_norm)."""
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.type_as(x)
+        return (self.weight if weight is None else weight) * normed.type_as(x)
 
 
 def build_norm(cfg: ModelConfig) -> nn.Module:

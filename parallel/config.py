@@ -11,7 +11,9 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     # None: world_size / (tensor_parallel * pipeline_parallel).
     data_parallel: Optional[int] = None
-    zero_stage: int = 0
+    # None: 1 for train.dtype bf16 without a pipeline (DeepSpeed's ZeRO-0 bf16 optimizer drifts; ZeRO-1
+    # holds the same memory at DP=1), else 0. Chosen when the config is composed.
+    zero_stage: Optional[int] = None
     sequence_parallel: bool = False
     # How DeepSpeed's PipelineModule splits layers: "parameters" balances weights, "uniform" counts layers.
     pipeline_partition: Literal["parameters", "uniform"] = "parameters"

@@ -47,17 +47,19 @@ def layer_parameters_per_tp_rank(cfg: ModelConfig, tensor_parallel: int) -> list
     """Parameters one TP rank holds for each entry of the pipeline layer list, in the order of
     gridtrain.model.decoder.build_layer_factories: embedding, blocks, final norm, head.
     Split across TP: vocab rows, q/k/v/fc1 output columns (and their biases), out/fc2 input rows.
-    Replicated: norms, learned positions, the biases of row-parallel layers."""
-    tp, h, f = tensor_parallel, cfg.hidden_size, cfg.ffn_size
-    kv = cfg.kv_heads * cfg.head_dim
+    Replicated: norms (per-head q/k norms too), learned positions, the biases of row-parallel layers."""
+    tp, h, f, a = tensor_parallel, cfg.hidden_size, cfg.ffn_size, cfg.attention_width
+    kv = cfg.kv_heads * cfg.head_size
     vocab_rows = cfg.padded_vocab_size(tp) // tp
     embedding = vocab_rows * h + (cfg.max_seq_len * h if cfg.family == "gpt2" else 0)
-    attention = (2 * h * h + 2 * h * kv) // tp
+    attention = (2 * h * a + 2 * h * kv) // tp
+    attention += ((a + 2 * kv) // tp if cfg.bias("qkv") else 0) + (h if cfg.bias("attn_out") else 0)
+    attention += 2 * cfg.head_size if cfg.qk_norm else 0
     if cfg.family == "gpt2":
-        block = attention + (h + 2 * kv) // tp + h + (2 * h * f + f) // tp + h + 4 * h
+        block = attention + (2 * h * f + f) // tp + h + 4 * h
         final_norm = 2 * h
     else:
-        block = attention + 3 * h * f // tp + 2 * h
+        block = attention + (3 * h * f + (2 * f if cfg.mlp_bias else 0)) // tp + (h if cfg.mlp_bias else 0) + 2 * h
         final_norm = h
     # A tied head is DeepSpeed's TiedLayerSpec: the last stage builds its own copy of the embedding.
     head = embedding if cfg.tied else vocab_rows * h

@@ -14,7 +14,11 @@ def _embedding_prefix(cfg) -> str:
 def _layer_norm(cfg, w, prefix, x):
     if cfg.family == "gpt2":
         return F.layer_norm(x, (x.shape[-1],), w[prefix + "weight"], w[prefix + "bias"], cfg.norm_eps)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w[prefix + "weight"]
+    return _rms(cfg, w[prefix + "weight"], x)
+
+
+def _rms(cfg, weight, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * weight
 
 
 def _linear(w, prefix, x):
@@ -37,9 +41,12 @@ def rope(x, position_ids, theta, interleaved=False):
 
 def _attention(cfg, w, p, x, position_ids, segment_ids, segment_mask, interleaved):
     B, T, _ = x.shape
-    H, KV, d = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
-    q = _linear(w, p + "q_proj.", x).view(B, T, H, d).transpose(1, 2)
-    k = _linear(w, p + "k_proj.", x).view(B, T, KV, d).transpose(1, 2)
+    H, KV, d = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    q = _linear(w, p + "q_proj.", x).view(B, T, H, d)
+    k = _linear(w, p + "k_proj.", x).view(B, T, KV, d)
+    if cfg.qk_norm:  # Qwen 3: RMSNorm over each head before the rotation
+        q, k = _rms(cfg, w[p + "q_norm.weight"], q), _rms(cfg, w[p + "k_norm.weight"], k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = _linear(w, p + "v_proj.", x).view(B, T, KV, d).transpose(1, 2)
     if cfg.family == "llama":
         q, k = rope(q, position_ids, cfg.rope_theta, interleaved), rope(k, position_ids, cfg.rope_theta, interleaved)

@@ -1,6 +1,7 @@
-"""Worker for test_hf_import.py, one process: HF folder -> gridtrain engine (train.init_from) ->
-gridtrain checkpoint (the Checkpointer, step 0) -> HF folder (gridtrain convert's export), then
-every exported tensor compared bit for bit with the original's. Writes OUT/roundtrip.json.
+"""HF folder -> gridtrain engine (train.init_from) -> gridtrain checkpoint (the Checkpointer, step 0)
+-> HF folder (gridtrain convert's export), then every exported tensor compared bit for bit with the
+original's. As a script (test_hf_import.py) it writes OUT/roundtrip.json; family_check.py imports
+roundtrip() for the model families.
 
 Usage: init_roundtrip.py HF_DIR OUT_DIR"""
 import dataclasses
@@ -19,7 +20,8 @@ def tensors(folder: Path) -> dict:
     return out
 
 
-def main() -> None:
+def roundtrip(hf_dir: Path, out: Path) -> dict:
+    """The round trip of `hf_dir` through a checkpoint under `out`; the export is `out/hf`."""
     from gridtrain.convert.hf_config import model_config_from_hf
     from gridtrain.convert.hf_export import export_hf
     from gridtrain.convert.sources import open_weights
@@ -31,21 +33,20 @@ def main() -> None:
     from gridtrain.train.loop import build_checkpointer, build_engine_of
     from gridtrain.train.run_config import RunConfig
 
-    hf_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     cfg = RunConfig(model=model_config_from_hf(hf_dir), data=DataConfig(tokenizer=str(hf_dir / "tokenizer.model")),
                     train=TrainConfig(run_dir=str(out / "run"), init_from=str(hf_dir)))
     ctx = groups.initialize_single(ParallelConfig())
     engine = build_engine_of(cfg, ctx, open_weights=open_weights)
     saved = build_checkpointer(cfg, ctx.layout).save(engine, TrainState(step=0))
-    groups.destroy()
+    groups.destroy(world=False)
     source = open_weights(saved.path)
     export_hf(source, out / "hf", "fp32", 5 * 10**9, force=False, tokenizer=source.tokenizer)
     original, exported = tensors(hf_dir), tensors(out / "hf")
-    result = {"family": dataclasses.asdict(cfg.model)["family"], "exported": sorted(exported),
-              "original": sorted(original), "different": sorted(n for n in exported if n in original and not
-                                                                 torch.equal(exported[n], original[n]))}
-    (out / "roundtrip.json").write_text(json.dumps(result))
+    return {"family": dataclasses.asdict(cfg.model)["family"], "exported": sorted(exported),
+            "original": sorted(original), "different": sorted(n for n in exported if n in original and not
+                                                               torch.equal(exported[n], original[n]))}
 
 
 if __name__ == "__main__":
-    main()
+    hf, target = Path(sys.argv[1]), Path(sys.argv[2])
+    (target / "roundtrip.json").write_text(json.dumps(roundtrip(hf, target)))
