@@ -6,7 +6,9 @@
    sampled from /proc in the exporting process: anonymous memory (what the converter itself holds)
    above what it held before the first tensor, and the resident total (which also counts pages of
    the memory-mapped checkpoint, cache the kernel reclaims under pressure).
-2. Generation: tokens/s of gridtrain's generation (KV cache, greedy) against transformers'
+2. GGUF export of the same checkpoint per --dtype (f32, f16, bf16, q8_0, q4_0): time and file
+   size, against the HF export's time and the f32 file's size.
+3. Generation: tokens/s of gridtrain's generation (KV cache, greedy) against transformers'
    `generate` on the exported model, the same prompts, CPU, alternating runs, medians.
 
 Run: `make bench` or `OMP_NUM_THREADS=1 .venv/bin/python bench/bench_convert.py`.
@@ -144,14 +146,14 @@ def run_child(mode: str, ckpt: Path, out: Path) -> dict:
     return json.loads(result.read_text())
 
 
-def bench_export(root: Path, tokenizer_model: str) -> list:
+def bench_export(root: Path, tokenizer_model: str) -> tuple[float, list]:
     ckpt = save_checkpoint(root / "export", EXPORT_MODEL, tokenizer_model)
     export, stream = (run_child(mode, ckpt, root / f"hf-{mode}") for mode in ("export", "stream"))
     baseline, nbytes = safetensors_baseline(root / "hf-export", root / "baseline.safetensors")
     mib = lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
     held = export["peak"]["RssAnon"] - export["before"]["RssAnon"]
     streamed = stream["peak"]["RssAnon"] - stream["before"]["RssAnon"]
-    return [
+    return export["seconds"], [
         ("export: llama 24 layers, hidden 1024 (ZeRO-0 checkpoint)", f"{export['seconds']:.2f} s",
          f"{nbytes / 1e9:.2f} GB of safetensors, {nbytes / 1e9 / export['seconds']:.2f} GB/s"),
         ("safetensors save_file of the same tensors + fsync", f"{baseline:.2f} s", f"{nbytes / 1e9 / baseline:.2f} GB/s"),
@@ -166,6 +168,25 @@ def bench_export(root: Path, tokenizer_model: str) -> list:
     ]
 
 
+def bench_gguf(root: Path, hf_seconds: float) -> list:
+    """Each GGUF dtype of the export checkpoint, written by the exporter in this process."""
+    from gridtrain.convert.gguf_export import GGUF_DTYPES, export_gguf
+    from gridtrain.convert.sources import open_weights
+
+    source = open_weights(str(root / "export" / "checkpoints"))
+    rows, sizes = [], {}
+    for dtype in GGUF_DTYPES:
+        start = time.perf_counter()
+        path = export_gguf(source, root / f"model-{dtype}.gguf", dtype, force=False)
+        seconds = time.perf_counter() - start
+        sizes[dtype] = path.stat().st_size
+        rows.append((f"gguf export --dtype {dtype}", f"{seconds:.2f} s",
+                     f"{sizes[dtype] / 1e6:,.0f} MB ({sizes[dtype] / sizes['f32']:.2f} of f32), "
+                     f"{seconds / hf_seconds:.2f} x the HF export's time"))
+        path.unlink()
+    return rows
+
+
 def bench_generation(root: Path, tokenizer_model: str) -> tuple[list, float]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -178,11 +199,11 @@ def bench_generation(root: Path, tokenizer_model: str) -> tuple[list, float]:
                     "--out", str(root / "gen-hf")], check=True, capture_output=True)
     ours = load_generator(str(ckpt), "cpu")
     theirs = AutoModelForCausalLM.from_pretrained(str(root / "gen-hf")).eval()
-    prompts = [ours.sp.encode(p) for p in PROMPTS]
-    eos = ours.ids["eos"]
+    prompts = [ours.prompt_ids(p) for p in PROMPTS]
+    stops = ours.tokenizer.stop_ids
 
     def run_ours():
-        return [generate(ours.decoder, [p], Sampling(NEW_TOKENS), eos)[0] for p in prompts]
+        return [generate(ours.decoder, [p], Sampling(NEW_TOKENS), stops)[0] for p in prompts]
 
     def run_theirs():
         with torch.inference_mode():
@@ -215,7 +236,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gridtrain-bench-convert-", dir=base) as tmp:
         root = Path(tmp)
         tokenizer_model = tokenizer(root)
-        rows = bench_export(root, tokenizer_model)
+        hf_seconds, rows = bench_export(root, tokenizer_model)
+        rows += bench_gguf(root, hf_seconds)
         generation, ratio = bench_generation(root, tokenizer_model)
     rows += generation
     width = max(len(r[0]) for r in rows)

@@ -82,8 +82,10 @@ class CheckpointWeights:
         return tuple(full)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The full fp32 tensor of parameter `name`, vocab padding removed (a new tensor)."""
-        parts = [part[name].contiguous().float() for part in self._slices]
+        """The full fp32 tensor of parameter `name`, vocab padding removed (a new tensor with no
+        autograd state: zero_to_fp32's lazy tensors materialise as Parameters that require grad,
+        which numpy(), as in every exporter, refuses)."""
+        parts = [part[name].contiguous().detach().float() for part in self._slices]
         kind = self._kinds.get(name, "column")
         if kind == "replicated":
             return parts[0].clone()

@@ -49,6 +49,7 @@ def check_one(ckpt: str, hf_dir: str, gguf_path: str | None) -> dict:
 
     from gridtrain.convert.generate import load_decoder
     from gridtrain.convert.sources import open_weights
+    from gridtrain.data.tokenizer import load_tokenizer
     from gridtrain.model.generation import Sampling, generate
     from gridtrain.parallel import groups
 
@@ -59,8 +60,11 @@ def check_one(ckpt: str, hf_dir: str, gguf_path: str | None) -> dict:
     vocab = sp.GetPieceSize()
     gap, scale = logits_gap(model, decoder, vocab)
     prompt = sp.encode(PROMPT)
-    ours = generate(decoder, [prompt], Sampling(max_new_tokens=32), eos_id=sp.eos_id())[0]
-    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
+    # Both choose among the tokenizer's ids only (the model's vocab has 68 more rows: no tokens).
+    ours = generate(decoder, [prompt], Sampling(max_new_tokens=32), load_tokenizer(source.tokenizer).stop_ids,
+                    vocab_size=vocab)[0]
+    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                            suppress_tokens=list(range(vocab, source.model.vocab_size)))[0, len(prompt):].tolist()
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     result = {"family": source.model.family, "gap": gap, "scale": scale, "ours": ours, "theirs": theirs,
               "hf_class": type(model).__name__,
