@@ -1,5 +1,5 @@
 """Export for inference, checked with the tools users load the files with: checkpoints trained a few
-steps at TP=2 x PP=2 (ZeRO-1) and at DP=2 ZeRO-3, both families, and llama checkpoints of every
+steps at TP=2 x PP=2 (ZeRO-1), both families, and at DP=2 ZeRO-3, and llama checkpoints of every
 other kind the engine writes (one rank ZeRO-0, TP=2 ZeRO-1 in bf16, DP=2 ZeRO-2, PP=2 ZeRO-0),
 exported by `gridtrain convert` to Hugging Face folders and GGUF files: transformers loads the
 folders, llama.cpp itself the GGUF files (f32, f16, bf16, q8_0, q4_0), each against gridtrain's own
@@ -18,10 +18,13 @@ from shared_corpus import MODEL_VOCAB
 PARITY = Path(__file__).parent / "workers" / "parity.py"
 MATRIX = Path(__file__).parent / "workers" / "export_matrix.py"
 GRIDTRAIN = [sys.executable, "-m", "gridtrain.launcher.cli"]
+# Exported by the CLI and checked by parity.py (tokenizer, generation, Q-row control); with the
+# other kinds, every checkpoint kind the engine writes, all in the export matrix.
 RUNS = {"llama-tp2pp2": ("llama", 4, dict(tp=2, pp=2, zero=1)), "gpt2-tp2pp2": ("gpt2", 4, dict(tp=2, pp=2, zero=1)),
-        "llama-dp2z3": ("llama", 2, dict(zero=3)), "gpt2-dp2z3": ("gpt2", 2, dict(zero=3)),
-        "llama-z0": ("llama", 1, dict(zero=0, steps=40)), "llama-tp2z1-bf16": ("llama", 2, dict(tp=2, zero=1, dtype="bf16")),
-        "llama-dp2z2": ("llama", 2, dict(zero=2)), "llama-pp2z0": ("llama", 2, dict(pp=2, zero=0))}
+        "llama-dp2z3": ("llama", 2, dict(zero=3))}
+KINDS = {**RUNS, "llama-z0": ("llama", 1, dict(zero=0, steps=40)),
+         "llama-tp2z1-bf16": ("llama", 2, dict(tp=2, zero=1, dtype="bf16")),
+         "llama-dp2z2": ("llama", 2, dict(zero=2)), "llama-pp2z0": ("llama", 2, dict(pp=2, zero=0))}
 STEPS = 3
 # fp32 on both sides, the same weights; the sums run in another order (measured <= 4e-6).
 LOGITS_ATOL = 1e-4
@@ -32,16 +35,26 @@ def gridtrain(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, text_corpus) -> dict:
-    """name -> {"ckpt", "hf"[, "gguf"]} of each run, exported by the CLI."""
+def checkpoints(tmp_path_factory, text_corpus) -> dict:
+    """name -> the checkpoint folder of each run of KINDS."""
     root = tmp_path_factory.mktemp("export")
     out = {}
-    for name, (family, nproc, layout) in RUNS.items():
+    for name, (family, nproc, layout) in KINDS.items():
         layout = {"steps": STEPS, **layout}  # llama-z0 trains longer: a perplexity that means something
         config = run_config(root / f"{name}.json", text_corpus, root / name, MODELS[family], layout.pop("steps"),
                             **layout)
         launch(RUN_WORKER, nproc, [config], timeout=300)
-        ckpt = root / name / "checkpoints"  # a folder of checkpoints: the newest valid one is exported
+        out[name] = root / name / "checkpoints"  # a folder of checkpoints: the newest valid one is exported
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints) -> dict:
+    """name -> {"ckpt", "hf"[, "gguf"]} of each run of RUNS, exported by the CLI."""
+    out = {}
+    for name in RUNS:
+        ckpt = checkpoints[name]
+        root = ckpt.parents[1]
         proc = gridtrain("convert", ckpt, "--to", "hf", "--out", root / f"{name}-hf", "--max-shard-size", "200kB")
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = {"ckpt": ckpt, "hf": root / f"{name}-hf"}
@@ -124,13 +137,15 @@ def test_gguf_loads_in_transformers_with_the_same_logits_and_metadata(parity):
 
 
 @pytest.fixture(scope="module")
-def matrix(exported, tmp_path_factory) -> dict:
-    """export_matrix.py's results for every run (HF: the CLI's exports above; GGUF: written there)."""
+def matrix(checkpoints, exported, tmp_path_factory) -> dict:
+    """export_matrix.py's results for every checkpoint kind (HF: the CLI's exports above, or written
+    by the worker; GGUF: written by the worker)."""
     missing = llamacpp_missing()
     if missing:
         pytest.skip(missing)
     root = tmp_path_factory.mktemp("matrix")
-    specs = [f"{name}={paths['ckpt']},{paths['hf']}" for name, paths in exported.items()]
+    specs = [f"{name}={ckpt}" + (f",{exported[name]['hf']}" if name in exported else "")
+             for name, ckpt in checkpoints.items()]
     proc = subprocess.run([sys.executable, str(MATRIX), str(root / "matrix.json"), str(root), *specs],
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -144,7 +159,7 @@ def matrix(exported, tmp_path_factory) -> dict:
 MATRIX_TOLERANCE = {"hf": 1e-5, "gguf-f32": 1e-5, "gguf-f16": 3e-3, "gguf-bf16": 3e-2, "gguf-q8_0": 6e-2}
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", list(KINDS))
 def test_every_checkpoint_kind_exports_to_every_target(matrix, name):
     run = matrix[name]
     targets = MATRIX_TOLERANCE if run["family"] == "llama" else {"hf": MATRIX_TOLERANCE["hf"]}
@@ -156,7 +171,7 @@ def test_every_checkpoint_kind_exports_to_every_target(matrix, name):
         assert run["gaps"]["gguf-q4_0"] > run["gaps"]["gguf-q8_0"] > run["gaps"]["gguf-f32"]
 
 
-@pytest.mark.parametrize("name", [name for name, (family, _, _) in RUNS.items() if family == "llama"])
+@pytest.mark.parametrize("name", [name for name, (family, _, _) in KINDS.items() if family == "llama"])
 def test_llamacpp_tokenizes_and_continues_as_gridtrain(matrix, name):
     run = matrix[name]
     assert run["tokenizer_mismatches"] == []
@@ -190,7 +205,7 @@ def test_generate_cli_streams_the_same_text(exported, parity, text_corpus):
 def test_bad_input_is_one_line_and_exit_2(exported, tmp_path):
     import shutil
 
-    ckpt = sorted(exported["gpt2-dp2z3"]["ckpt"].glob("step_*"))[-1]
+    ckpt = sorted(exported["gpt2-tp2pp2"]["ckpt"].glob("step_*"))[-1]
     broken = tmp_path / "broken" / ckpt.name
     shutil.copytree(ckpt, broken)
     shard = sorted((broken / "ds").glob("*optim_states.pt"))[0]

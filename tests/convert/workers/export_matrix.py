@@ -8,7 +8,7 @@ quantization check. For the f32 file also llama.cpp's tokenization of the hard t
 gridtrain's tokenizer, and its greedy continuation of three prompts against gridtrain's `generate`
 on the same prompt ids. Writes one JSON file.
 
-Usage: export_matrix.py OUT.json WORK_DIR NAME=CKPT,HF_DIR ..."""
+Usage: export_matrix.py OUT.json WORK_DIR NAME=CKPT[,HF_DIR] ...  (no HF_DIR: exported here)"""
 import json
 import sys
 import sysconfig
@@ -47,8 +47,10 @@ def perplexity(llm, tokens: list[int]) -> float:
     return float(np.exp(-log_probs[np.arange(len(tokens) - 1), tokens[1:]].mean()))
 
 
-def check_one(ckpt: str, hf_dir: str, work: Path) -> dict:
+def check_one(ckpt: str, hf_dir: str | None, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
+
+    from gridtrain.convert.hf_export import export_hf
 
     from gridtrain.convert.generate import Generator, load_decoder
     from gridtrain.convert.gguf_export import export_gguf
@@ -66,6 +68,8 @@ def check_one(ckpt: str, hf_dir: str, work: Path) -> dict:
     continued = [generate(decoder, [p], Sampling(max_new_tokens=GREEDY), stop_ids=())[0] for p in prompts]
     groups.destroy(world=False)
     scale = max(float(np.abs(o).max()) for o in ours)
+    if hf_dir is None:
+        hf_dir = export_hf(source, work / "hf", "fp32", 5 * 10**9, force=False, tokenizer=source.tokenizer)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         hf = [model(torch.tensor([s])).logits[0].numpy() for s in seqs]
@@ -91,8 +95,8 @@ def main() -> None:
     out, work, results = Path(sys.argv[1]), Path(sys.argv[2]), {}
     for spec in sys.argv[3:]:
         name, paths = spec.split("=", 1)
-        ckpt, hf_dir = paths.split(",")
-        results[name] = check_one(ckpt, hf_dir, work / name)
+        ckpt, _, hf_dir = paths.partition(",")
+        results[name] = check_one(ckpt, hf_dir or None, work / name)
     out.write_text(json.dumps(results))
 
 
