@@ -57,6 +57,7 @@ def batch_encoder(tokenizer: Path):
     if tokenizer.is_dir():
         from tokenizers import Tokenizer
 
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # its Rust thread pool: one thread per core (make sets false)
         fast = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
         fast.encode_special_tokens = True
         return lambda docs: [e.ids for e in fast.encode_batch_fast(docs, add_special_tokens=False)]
@@ -87,7 +88,7 @@ def run_tool(corpus: Path, model: Path, prefix: Path, sample_memory: bool = Fals
     process's smaps in the kernel (~12 ms here, ~12 % of this 2-core machine at 50 ms), so timed
     runs are not sampled and memory comes from a run of its own."""
     cmd = [sys.executable, "-m", "gridtrain.launcher.cli", "preprocess", "--input", str(corpus), "--tokenizer",
-           str(model), "--output-prefix", str(prefix), "--workers", str(WORKERS)]
+           str(model), "--output-prefix", str(prefix), "--workers", str(WORKERS), "--force"]
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root, peak = psutil.Process(proc.pid), 0
