@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
     gen = subparsers.add_parser(
         "generate", help="generate text from a checkpoint or a Hugging Face folder gridtrain exported",
-        description="One process, KV cache; greedy at temperature 0; stops at eos; streams a single prompt's "
+        description="One process, KV cache; greedy at temperature 0; stops at eos or an end-of-turn token; streams a single prompt's "
                     "tokens as they come; --prompt-file generates one completion per line, batched.")
     gen.add_argument("source", metavar="SOURCE")
     prompt = gen.add_mutually_exclusive_group(required=True)

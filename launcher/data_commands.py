@@ -9,7 +9,7 @@ import warnings
 
 from gridtrain.data.preprocess import PreprocessOptions, preprocess
 from gridtrain.data.tokenizer import load_tokenizer
-from gridtrain.data.tokenizer_train import train_tokenizer
+from gridtrain.data.tokenizer_train import MODEL_TYPES, train_tokenizer
 from gridtrain.launcher.config import load_config
 from gridtrain.launcher.preflight import check_inputs
 from gridtrain.launcher.run_commands import resolve_device, split_extra_args
@@ -17,14 +17,17 @@ from gridtrain.launcher.validate import validate
 
 
 def register(subparsers) -> None:
-    tokenizer = subparsers.add_parser("tokenizer", help="train a SentencePiece tokenizer")
+    tokenizer = subparsers.add_parser("tokenizer", help="train a tokenizer (SentencePiece or byte-level BPE)")
     tok_sub = tokenizer.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
     train = tok_sub.add_parser(
-        "train", help="train SentencePiece (byte fallback, bos/eos/pad + <eod>) on a bounded sample",
-        description="Writes DIR/tokenizer.model, tokenizer.vocab and tokenizer.json (special ids).")
+        "train", help="train a tokenizer on a bounded sample of the corpus",
+        description="bpe / unigram: SentencePiece (byte fallback, bos/eos/pad + <eod>) as DIR/tokenizer.model "
+                    "and tokenizer.vocab; bytelevel: a GPT-2-style byte-level BPE as a Hugging Face folder "
+                    "(DIR/tokenizer.json, tokenizer_config.json; <|endoftext|> ends documents). Both write "
+                    "DIR/tokenizer_info.json (kind, size, special ids, sample).")
     train.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".jsonl[.gz]/.txt files, globs or folders")
     train.add_argument("--vocab-size", type=int, required=True)
-    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    train.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
     train.add_argument("--out", required=True, metavar="DIR")
     train.add_argument("--sample-bytes", type=int, default=20_000_000,
                        help="train on about this many bytes spread evenly over the input (default 20 MB)")
@@ -40,7 +43,8 @@ def register(subparsers) -> None:
         description="Streams .jsonl/.jsonl.gz/.txt input through a worker pool; the output is "
                     "byte-identical for any --workers. Writes PREFIX.summary.json beside the shards.")
     pre.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB")
-    pre.add_argument("--tokenizer", required=True, metavar="MODEL", help="SentencePiece .model")
+    pre.add_argument("--tokenizer", required=True, metavar="TOKENIZER",
+                     help="a SentencePiece .model, a tokenizer.json, or a Hugging Face folder holding one")
     pre.add_argument("--output-prefix", required=True, metavar="PREFIX")
     pre.add_argument("--json-key", default="text", help="field holding the text in .jsonl records")
     pre.add_argument("--txt-mode", choices=("file", "blocks"), default="file",

@@ -109,3 +109,29 @@ def test_bad_tokenizers_are_one_line(tmp_path, hf_tokenizers):
         with pytest.raises(UserError) as refused:
             load_tokenizer(path)
         assert part in str(refused.value) and "\n" not in str(refused.value), (what, str(refused.value))
+
+
+def test_bytelevel_training_writes_a_folder_transformers_and_preprocess_read(capsys, tmp_path, corpus_jsonl):
+    """`gridtrain tokenizer train --model-type bytelevel`: an HF folder that AutoTokenizer loads and
+    encodes as gridtrain does, ending documents with <|endoftext|>, which preprocess then uses."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from transformers import AutoTokenizer
+
+    from gridtrain.launcher.cli import main
+
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--input", corpus_jsonl, "--vocab-size", "500", "--model-type", "bytelevel",
+                 "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"tokenizer.json", "tokenizer_config.json", "tokenizer_info.json"}
+    ours, theirs = load_tokenizer(out), AutoTokenizer.from_pretrained(out, split_special_tokens=True)
+    assert ours.kind == "huggingface" and ours.vocab_size == len(theirs) <= 500
+    assert ours.piece(ours.eod) == "<|endoftext|>" and ours.bos == theirs.bos_token_id
+    for text in HARD_TEXTS:
+        assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids, repr(text)
+        assert ours.decode(ours.encode(text)) == text  # byte-level: every text comes back exactly
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("hello world", "def f(x):\n    return x")))
+    assert main(["preprocess", "--input", str(docs), "--tokenizer", str(out), "--output-prefix",
+                 str(tmp_path / "shards"), "--workers", "1"]) == 0
+    shards = IndexedDataset(str(tmp_path / "shards"))
+    assert [shards[i].tolist() for i in range(len(shards))] == ours.documents(["hello world", "def f(x):\n    return x"])
