@@ -173,9 +173,13 @@ def _coerce(value, hint) -> tuple[bool, object, str]:
     if origin is typing.Union:
         if value is None and type(None) in args:
             return True, None, ""
-        inner = [a for a in args if a is not type(None)][0]
-        ok, converted, expected = _coerce(value, inner)
-        return ok, converted, f"{expected} or null"
+        expected = []
+        for inner in (a for a in args if a is not type(None)):
+            ok, converted, described = _coerce(value, inner)
+            if ok:
+                return True, converted, ""
+            expected.append(described)
+        return False, value, " or ".join(expected + ["null"] * (type(None) in args))
     if origin is typing.Literal:
         return value in args, value, "one of " + ", ".join(str(a) for a in args)
     if hint is bool:

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from gridtrain.errors import UserError
@@ -20,7 +21,9 @@ from gridtrain.launcher.spawn import NodeSpec, RankFailed, set_rank_environment,
 from gridtrain.launcher.validate import validate
 from gridtrain.parallel.deepspeed_compat import check_deepspeed_version
 from gridtrain.parallel.layout import configured_world_size
+from gridtrain.train.checkpoint.store import checkpoint_dir, list_checkpoints
 from gridtrain.train.preemption import PREEMPTED_EXIT_CODE, catch_early
+from gridtrain.train.restarts import Attempt, newest_step, refusal
 
 RESOLVED_CONFIG = "resolved-config.yaml"
 
@@ -40,6 +43,10 @@ def register(subparsers) -> None:
     train.add_argument("--master-port", type=int, help="free port on node 0 (required with --nnodes > 1)")
     train.add_argument("--resume-from", metavar="PATH", help="resume from this checkpoint (sets train.resume)")
     train.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
+    train.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                       help="when a rank dies, stop the others and start all ranks again from the newest checkpoint, "
+                            "at most N times (default 0); a failure that comes again before a new checkpoint is not "
+                            "restarted, nor is bad input (exit 2)")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="device to validate for (auto: CUDA if present; for --dry-run also when the "
                             "config asks for parallel.backend: nccl, so a GPU preset checks as CUDA on a login node)")
@@ -131,6 +138,8 @@ def train_command(args) -> int:
     notes: list[str] = []
     cfg = _load(args, _resume_overrides(args), notes)
     nproc, world = _layout_world(cfg, args)
+    if args.max_restarts < 0:
+        raise UserError(f"--max-restarts {args.max_restarts}: must be >= 0 (0: a failed rank ends the run)")
     # Probe without torch: a bad config must fail in a second, before any heavy import. A dry run of
     # an NCCL config is a GPU job checked from wherever the user is (a login node has no GPU).
     gpu_job = args.dry_run and args.device == "auto" and cfg.parallel.backend == "nccl"
@@ -152,13 +161,36 @@ def train_command(args) -> int:
     node = NodeSpec(args.nnodes, nproc, args.node_rank, args.master_addr, args.master_port)
     print(f"gridtrain: node {args.node_rank}/{args.nnodes}: {nproc} rank(s) on {device}, world {world}, config {path}",
           file=sys.stderr, flush=True)
-    try:
-        spawn(node, str(path), device)
-    except RankFailed as exc:
-        preempted = exc.exit_code == PREEMPTED_EXIT_CODE  # a clean stop, not an error
-        print(f"gridtrain: {'' if preempted else 'error: '}{exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return train_with_restarts(cfg, node, path, device, args.max_restarts)
+
+
+def train_with_restarts(cfg, node: NodeSpec, path: Path, device: str, max_restarts: int) -> int:
+    """Spawn the ranks until they finish, stop for preemption (75), or fail in a way the restart
+    policy (gridtrain.train.restarts) does not restart; every restart starts from the newest checkpoint."""
+    ckpt_dir = checkpoint_dir(cfg.checkpoint, cfg.train.run_dir)
+    attempt = Attempt(restarts=0, started_at=newest_step(ckpt_dir))
+    while True:
+        try:
+            spawn(node, str(path), device)
+            return 0
+        except RankFailed as exc:
+            if exc.exit_code == PREEMPTED_EXIT_CODE:  # a clean stop, not an error
+                print(f"gridtrain: {exc}", file=sys.stderr)
+                return exc.exit_code
+            reached = newest_step(ckpt_dir)
+            why = refusal(attempt, exc.exit_code, reached, max_restarts, "--max-restarts")
+            if why:
+                print(f"gridtrain: error: {exc}" + (f"; {why}" if max_restarts else ""), file=sys.stderr)
+                return exc.exit_code
+            failure = str(exc)
+        print(f"gridtrain: {failure}; restart {attempt.restarts + 1} of at most {max_restarts}: every rank starts again "
+              f"from the newest checkpoint (step {reached})", file=sys.stderr, flush=True)
+        if cfg.train.resume != "auto" and reached > attempt.started_at:
+            # --resume-from or --no-resume chose where the first attempt began; a restart goes on
+            # from what this run has saved since.
+            cfg = replace(cfg, train=replace(cfg.train, resume=str(list_checkpoints(ckpt_dir)[-1][1])))
+            write_config(cfg, path)
+        attempt = Attempt(restarts=attempt.restarts + 1, started_at=reached)
 
 
 def launch_command(args) -> int:

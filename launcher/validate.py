@@ -10,7 +10,8 @@ from gridtrain.train.run_config import RunConfig
 
 Problem = tuple[str, object, str]
 
-# field -> (lower bound, inclusive?, what the bound means); None values mean "default" and pass.
+# field -> (lower bound, inclusive?, what the bound means); None values mean "default" and pass, and so
+# does "auto" (parallel.data_parallel: the world over TP x PP).
 _BOUNDS = {
     "model.vocab_size": (1, True, ""), "model.hidden_size": (1, True, ""),
     "model.num_layers": (1, True, ""), "model.num_attention_heads": (1, True, ""),
@@ -25,7 +26,7 @@ _BOUNDS = {
         1, True, "(the vocab is padded to a multiple of it x parallel.tensor_parallel so every TP "
                  "rank holds an equal slice; Megatron's default is 128)"),
     "parallel.tensor_parallel": (1, True, ""), "parallel.pipeline_parallel": (1, True, ""),
-    "parallel.data_parallel": (1, True, "or null to fill the world size"),
+    "parallel.data_parallel": (1, True, "or auto to fill the world size"),
     "parallel.timeout_minutes": (0, False, "(collectives give up after it instead of hanging)"),
     "data.seq_length": (1, True, ""), "data.num_workers": (0, True, ""),
     "optim.lr": (0, False, ""), "optim.min_lr": (0, True, ""), "optim.weight_decay": (0, True, ""),
@@ -77,7 +78,7 @@ def _bounds(cfg: RunConfig) -> list[Problem]:
     problems = []
     for field, (low, inclusive, note) in _BOUNDS.items():
         value = _get(cfg, field)
-        if value is None or (value >= low if inclusive else value > low):
+        if value in (None, "auto") or (value >= low if inclusive else value > low):
             continue
         relation = ">=" if inclusive else ">"
         problems.append((field, value, f"must be {relation} {low}" + (f" {note}" if note else "")))

@@ -2,15 +2,16 @@
 its schedule, built by gridtrain.parallel.optim): the sections the parallel layer owns. No torch,
 so composing and validating a config stays fast."""
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    # None: world_size / (tensor_parallel * pipeline_parallel).
-    data_parallel: Optional[int] = None
+    # "auto" (or null): world_size / (tensor_parallel * pipeline_parallel), so the same config runs
+    # on whatever number of nodes a job gets; a number pins the world to TP x PP x DP.
+    data_parallel: Union[int, Literal["auto"], None] = "auto"
     # None: 1 for train.dtype bf16 without a pipeline (DeepSpeed's ZeRO-0 bf16 optimizer drifts; ZeRO-1
     # holds the same memory at DP=1), else 0. Chosen when the config is composed.
     zero_stage: Optional[int] = None

@@ -2,8 +2,8 @@
 
 Built once, by `build_layout` (which gridtrain.launcher.validate calls with the real world size),
 and passed explicitly to the process groups, the DeepSpeed config, the data loader, checkpoints
-and the dry-run. Every rule about the split lives here: the DP degree a null
-`parallel.data_parallel` stands for, the world size TP x PP x DP, ZeRO with pipelines, and the
+and the dry-run. Every rule about the split lives here: the DP degree
+`parallel.data_parallel: auto` stands for, the world size TP x PP x DP, ZeRO with pipelines, and the
 global batch as whole micro-batches per DP rank. Imports no torch.
 """
 from dataclasses import dataclass
@@ -49,10 +49,15 @@ class Layout:
                 "zero_stage": self.zero_stage}
 
 
+def fixed_data_parallel(parallel: ParallelConfig) -> int | None:
+    """The DP degree the config pins, or None for `auto` (null means the same)."""
+    return None if parallel.data_parallel in (None, "auto") else parallel.data_parallel
+
+
 def data_parallel_size(parallel: ParallelConfig, world_size: int | None) -> int:
-    """The DP degree: parallel.data_parallel, else the world size over TP x PP, else (world not
-    known yet) 1."""
-    if parallel.data_parallel is not None:
+    """The DP degree: a pinned parallel.data_parallel, else the world size over TP x PP, else
+    (world not known yet) 1."""
+    if fixed_data_parallel(parallel) is not None:
         return parallel.data_parallel
     if world_size is None:
         return 1
@@ -60,23 +65,24 @@ def data_parallel_size(parallel: ParallelConfig, world_size: int | None) -> int:
 
 
 def configured_world_size(parallel: ParallelConfig) -> int:
-    """The rank count the config names by itself (a null data_parallel counts as 1)."""
+    """The rank count the config names by itself (data_parallel auto counts as 1)."""
     return parallel.tensor_parallel * parallel.pipeline_parallel * data_parallel_size(parallel, None)
 
 
 def world_problems(parallel: ParallelConfig, world_size: int | None) -> list[Problem]:
-    tp, pp, dp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.data_parallel
+    tp, pp, dp = parallel.tensor_parallel, parallel.pipeline_parallel, fixed_data_parallel(parallel)
     if world_size is None:
         return []
     if dp is not None and tp * pp * dp != world_size:
         fix = f"launch {tp * pp * dp} ranks"
         if world_size % (tp * pp) == 0:
-            fix = f"set parallel.data_parallel to {world_size // (tp * pp)} (or null), or " + fix
+            fix = f"set parallel.data_parallel to auto (here {world_size // (tp * pp)}), or " + fix
         return [("world_size", world_size, f"must equal parallel.tensor_parallel ({tp}) x "
                  f"parallel.pipeline_parallel ({pp}) x parallel.data_parallel ({dp}) = {tp * pp * dp}; {fix}")]
     if dp is None and world_size % (tp * pp) != 0:
         return [("world_size", world_size, f"must be a multiple of parallel.tensor_parallel ({tp}) x "
-                 f"parallel.pipeline_parallel ({pp}) = {tp * pp}; launch a multiple of {tp * pp} ranks or change the layout")]
+                 f"parallel.pipeline_parallel ({pp}) = {tp * pp} (parallel.data_parallel auto is the world over "
+                 f"TP x PP); launch a multiple of {tp * pp} ranks or change the layout")]
     return []
 
 

@@ -74,6 +74,8 @@ def test_unknown_section_and_key_suggest_the_close_name(tmp_path):
     ("model: {hidden_size: big}", ("model.hidden_size", "big", "expected an integer, got str")),
     ("model: {hidden_size: 1.5}", ("model.hidden_size", 1.5, "expected an integer, got float")),
     ("model: {num_kv_heads: four}", ("model.num_kv_heads", "four", "expected an integer or null, got str")),
+    ("parallel: {data_parallel: all}", ("parallel.data_parallel", "all", "expected an integer or one of auto or null, "
+                                         "got str")),
     ("optim: {lr: fast}", ("optim.lr", "fast", "expected a finite number, got str")),
     ("model: {tie_embeddings: 1}", ("model.tie_embeddings", 1, "expected a boolean (true/false) or null, got int")),
     ("train: {jsonl: 1}", ("train.jsonl", 1, "unknown key; did you mean 'logging.jsonl'?")),

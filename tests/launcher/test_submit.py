@@ -54,7 +54,7 @@ def test_dry_run_prints_the_batch_script_for_8_nodes_of_8_gpus(tmp_path, data):
 @pytest.mark.parametrize("flags, message", [
     (["--nodes", "2", "--gpus-per-node", "4"],
      "--nodes 2 x --gpus-per-node 4 = 8 ranks: world_size=8: must equal parallel.tensor_parallel (8) x "
-     "parallel.pipeline_parallel (1) x parallel.data_parallel (8) = 64; set parallel.data_parallel to 1 (or null), "
+     "parallel.pipeline_parallel (1) x parallel.data_parallel (8) = 64; set parallel.data_parallel to auto (here 1), "
      "or launch 64 ranks"),
     (["--nodes", "8", "--gpus-per-node", "8", "--device", "cpu"],
      "--gpus-per-node does not apply to --device cpu: give --ntasks-per-node (ranks per node)"),

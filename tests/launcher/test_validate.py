@@ -56,11 +56,12 @@ CASES = {
     "world size != TP*PP*DP": (
         dict(parallel=dict(tensor_parallel=2, data_parallel=3), train=dict(global_batch_size=24)), 4, "cpu",
         ("world_size", 4, "must equal parallel.tensor_parallel (2) x parallel.pipeline_parallel (1) x "
-                          "parallel.data_parallel (3) = 6; set parallel.data_parallel to 2 (or null), or launch 6 ranks")),
+                          "parallel.data_parallel (3) = 6; set parallel.data_parallel to auto (here 2), or launch 6 ranks")),
     "world size not a multiple of TP*PP": (
         dict(parallel=dict(tensor_parallel=2, pipeline_parallel=2)), 6, "cpu",
-        ("world_size", 6, "must be a multiple of parallel.tensor_parallel (2) x parallel.pipeline_parallel (2) = 4; "
-                          "launch a multiple of 4 ranks or change the layout")),
+        ("world_size", 6, "must be a multiple of parallel.tensor_parallel (2) x parallel.pipeline_parallel (2) = 4 "
+                          "(parallel.data_parallel auto is the world over TP x PP); launch a multiple of 4 ranks or "
+                          "change the layout")),
     "heads not divisible by TP": (
         dict(model=dict(hidden_size=240, num_attention_heads=12, num_kv_heads=None, ffn_hidden_size=640),
              parallel=dict(tensor_parallel=5)), 5, "cpu",

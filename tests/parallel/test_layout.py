@@ -17,7 +17,9 @@ def test_derived_numbers():
 
 def test_data_parallel_degree_from_the_world_or_the_config():
     free = ParallelConfig(tensor_parallel=2)
+    assert free.data_parallel == "auto"  # the default: the world decides
     assert data_parallel_size(free, 8) == 4 and data_parallel_size(free, None) == 1
+    assert data_parallel_size(ParallelConfig(tensor_parallel=2, data_parallel=None), 8) == 4  # null: the same
     assert configured_world_size(free) == 2
     fixed = ParallelConfig(tensor_parallel=2, data_parallel=3)
     assert data_parallel_size(fixed, None) == 3 and configured_world_size(fixed) == 6

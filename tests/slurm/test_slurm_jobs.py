@@ -156,8 +156,8 @@ def test_srun_tasks_discover_their_ranks_and_a_wrong_world_is_one_line(slurm_clu
     assert result.returncode == 2, result.stderr
     errors = sorted(line for line in result.stderr.splitlines() if "gridtrain" in line)
     assert errors == [f"{rank}: gridtrain: error: world_size=2: must be a multiple of parallel.tensor_parallel (2) x "
-                      "parallel.pipeline_parallel (2) = 4; launch a multiple of 4 ranks or change the layout"
-                      for rank in (0, 1)]
+                      "parallel.pipeline_parallel (2) = 4 (parallel.data_parallel auto is the world over TP x PP); "
+                      "launch a multiple of 4 ranks or change the layout" for rank in (0, 1)]
 
 
 def test_nodelists_and_master_addresses_agree_with_slurm(slurm_cluster, monkeypatch):

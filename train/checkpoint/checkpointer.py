@@ -277,7 +277,10 @@ class Checkpointer:
             refusal = reshard_refusal(saved, now, path)
             if refusal:
                 raise CheckpointError(refusal)
-            self._load_resharded(engine, path, tag)
+            self._load_resharded(engine, path, tag, saved)
+        if same_shards(saved, now) and saved["dp"] != now["dp"]:
+            note(f"resuming {path} saved with {describe(saved)} as {describe(now)}: without ZeRO every DP "
+                 "rank holds the whole optimizer state, so the files load as they are")
         state = TrainState.from_dict(record["train_state"])
         self.last_saved_step = state.step
         note(f"resumed from {path} (step {state.step}, {state.consumed_samples} samples consumed)")
@@ -290,7 +293,7 @@ class Checkpointer:
             if skipped:
                 note(f"warning: RNG states not restorable here: {', '.join(skipped)}")
 
-    def _load_resharded(self, engine, path: Path, tag: str) -> None:
+    def _load_resharded(self, engine, path: Path, tag: str, saved: dict) -> None:
         """Another layout: convert to DeepSpeed's universal form (fp32 weights + Adam moments per
         parameter) and load this rank's new shard from it. RNG streams are per rank and cannot be
         mapped onto another layout: they keep this run's seeding."""
@@ -302,5 +305,5 @@ class Checkpointer:
             barrier()
             if rank_and_world()[0] == 0:
                 shutil.rmtree(work, ignore_errors=True)
-        note(f"resharded {path} from its layout to {describe(self.save_context.layout)} "
+        note(f"resharded {path} from {describe(saved)} to {describe(self.save_context.layout)} "
              "(RNG streams restart from the seed)")
