@@ -16,7 +16,8 @@ LOG_PATTERN = "slurm-%j.out"  # %j: the job id (each array task has its own)
 @dataclass(frozen=True)
 class JobSpec:
     """One batch job: where it runs and how it is stopped and requeued."""
-    nodes: int
+    min_nodes: int
+    max_nodes: int  # above min_nodes: the job starts on what is free (Slurm's -N min-max)
     tasks_per_node: int  # ranks per node: one per GPU with cuda
     device: str  # "cuda" | "cpu"
     job_name: str
@@ -24,11 +25,17 @@ class JobSpec:
     workdir: Path
     signal_grace: int
     max_requeues: int
+    max_restarts: int = 0
     partition: str | None = None
     time: str | None = None
     account: str | None = None
     qos: str | None = None
     extra: tuple[str, ...] = ()  # --sbatch-arg values, one `#SBATCH` line each
+
+    @property
+    def nodes(self) -> str:
+        """sbatch's --nodes value: N, or MIN-MAX."""
+        return str(self.min_nodes) if self.min_nodes == self.max_nodes else f"{self.min_nodes}-{self.max_nodes}"
 
 
 # Options gridtrain writes itself from its own flags: an --sbatch-arg repeating one would silently
@@ -94,7 +101,12 @@ def package_file(name: str) -> Path:
 
 def sbatch_lines(spec: JobSpec) -> list[str]:
     """The #SBATCH lines of one job."""
-    options = [f"--job-name={spec.job_name}", f"--nodes={spec.nodes}", f"--ntasks-per-node={spec.tasks_per_node}"]
+    # A node range must not name a task count: sbatch turns --ntasks-per-node into ntasks = MIN x T,
+    # and Slurm 22.05 then allocates MIN nodes however many are free (measured on the test cluster;
+    # without it `-N 1-2` gets both nodes when both are idle). --mincpus reserves T CPUs on every node
+    # instead, and srun starts the T tasks per node.
+    per_node = "--ntasks-per-node" if spec.min_nodes == spec.max_nodes else "--mincpus"
+    options = [f"--job-name={spec.job_name}", f"--nodes={spec.nodes}", f"{per_node}={spec.tasks_per_node}"]
     if spec.device == "cuda":
         options.append(f"--gpus-per-node={spec.tasks_per_node}")
     options += [f"--chdir={spec.workdir}", f"--output={spec.log}", "--open-mode=append", "--requeue",
@@ -113,9 +125,9 @@ def render_script(spec: JobSpec, config_path: Path, site_env: Path) -> str:
         "SITE_ENV": shlex.quote(str(site_env)),
         "GRIDTRAIN": shlex.join([sys.executable, "-m", "gridtrain.launcher.cli"]),
         "CONFIG": shlex.quote(str(config_path)),
-        "NODES": str(spec.nodes),
         "TASKS_PER_NODE": str(spec.tasks_per_node),
         "MAX_REQUEUES": str(spec.max_requeues),
+        "MAX_RESTARTS": str(spec.max_restarts),
     }
     for name, value in values.items():
         template = template.replace("{{" + name + "}}", value)

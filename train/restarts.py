@@ -28,18 +28,20 @@ class Attempt:
     started_at: int
 
 
-def refusal(attempt: Attempt, exit_code: int, reached: int, max_restarts: int, flag: str) -> str | None:
+def refusal(attempt: Attempt, exit_code: int, reached: int, max_restarts: int, flag: str,
+            again: str = "run the same command") -> str | None:
     """Why the failed `attempt` (exit status `exit_code`, newest checkpoint now at step `reached`) is
-    not restarted, or None to restart it from step `reached`. `flag` names the cap in the message."""
+    not restarted, or None to restart it from step `reached`. `flag` names the cap in the message,
+    `again` what the user does to go on."""
     if exit_code == USER_ERROR_EXIT_CODE:
-        return "not restarted: a rank reported bad input (exit 2), which fails again the same way; fix it and run again"
+        return f"not restarted: a rank reported bad input (exit 2), which fails again the same way; fix it and {again}"
     if max_restarts == 0:
-        return f"not restarted ({flag} 0); run the same command to resume from step {reached}"
+        return f"not restarted ({flag} 0); {again} to resume from step {reached}"
     if attempt.restarts >= max_restarts:
         return (f"not restarted: {attempt.restarts} restart(s) used, the cap ({flag} {max_restarts}); "
-                f"run the same command to resume from step {reached}")
+                f"{again} to resume from step {reached}")
     if attempt.restarts > 0 and reached <= attempt.started_at:
         return (f"not restarted: the failure came again before any new checkpoint (still step {reached}, as when "
-                f"restart {attempt.restarts} began), so another restart would repeat it; fix the cause, then run "
-                "the same command to resume")
+                f"restart {attempt.restarts} began), so another restart would repeat it; fix the cause, then "
+                f"{again} to resume")
     return None

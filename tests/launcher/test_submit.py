@@ -43,12 +43,20 @@ def test_dry_run_prints_the_batch_script_for_8_nodes_of_8_gpus(tmp_path, data):
         "#SBATCH --requeue", "#SBATCH --signal=USR1@300", "#SBATCH --partition=gpu", "#SBATCH --time=24:00:00",
         "#SBATCH --account=proj", "#SBATCH --qos=high", "#SBATCH --exclusive"]
     assert script.startswith("#!/bin/bash\n")
-    assert "srun --nodes=8 --ntasks-per-node=8 " in script and '"${GRIDTRAIN[@]}" launch "$CONFIG" &' in script
-    assert f"CONFIG={run_dir}/resolved-config.yaml" in script and "--max-requeues 5" in script
+    assert 'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=8 ' in script
+    assert '"${GRIDTRAIN[@]}" launch "$CONFIG" &' in script
+    assert f"CONFIG={run_dir}/resolved-config.yaml" in script and "--max-requeues 5 --max-restarts 3" in script
     assert f"SITE_ENV={REPO}/slurm/site-env.sh" in script
     assert not run_dir.exists()  # a dry run writes nothing
     # The rendered script is valid bash.
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+    # A node range: Slurm's -N min-max, every node count of it validated, DP from the world.
+    result = gridtrain("submit", LLAMA_8B, "--nodes", "1-2", "--gpus-per-node", "8", "--parallel.data_parallel=auto",
+                       "--max-restarts", "1", f"--train.run_dir={run_dir}", *data, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "#SBATCH --nodes=1-2\n#SBATCH --mincpus=8\n#SBATCH --gpus-per-node=8\n" in result.stdout
+    assert "--ntasks-per-node=8 --kill" in result.stdout and "--max-restarts 1" in result.stdout
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -56,6 +64,19 @@ def test_dry_run_prints_the_batch_script_for_8_nodes_of_8_gpus(tmp_path, data):
      "--nodes 2 x --gpus-per-node 4 = 8 ranks: world_size=8: must equal parallel.tensor_parallel (8) x "
      "parallel.pipeline_parallel (1) x parallel.data_parallel (8) = 64; set parallel.data_parallel to auto (here 1), "
      "or launch 64 ranks"),
+    (["--nodes", "2-1", "--gpus-per-node", "8"], "--nodes 2-1: MIN above MAX; give --nodes 1-2"),
+    (["--nodes", "0", "--gpus-per-node", "8"], "--nodes 0: a job runs on at least one node; e.g. --nodes 1 or --nodes 1-2"),
+    (["--nodes", "two", "--gpus-per-node", "8"],
+     "--nodes two: not a node count; give N or MIN-MAX, e.g. --nodes 4 or --nodes 2-4"),
+    # auto DP over a node range: every count the job may get must split TP x PP and the global batch.
+    (["--nodes", "1-2", "--gpus-per-node", "4", "--parallel.data_parallel=auto"],
+     "--nodes 1 (in the range) x --gpus-per-node 4 = 4 ranks: world_size=4: must be a multiple of "
+     "parallel.tensor_parallel (8) x parallel.pipeline_parallel (1) = 8 (parallel.data_parallel auto is the world "
+     "over TP x PP); launch a multiple of 8 ranks or change the layout"),
+    (["--nodes", "4-8", "--gpus-per-node", "8", "--parallel.data_parallel=auto"],
+     "--nodes 5 (in the range) x --gpus-per-node 8 = 40 ranks: train.global_batch_size=512: must be a multiple of "
+     "train.micro_batch_size (1) x data_parallel (5) = 5: every DP rank accumulates whole micro-batches; use 510 or "
+     "515, or change micro_batch_size"),
     (["--nodes", "8", "--gpus-per-node", "8", "--device", "cpu"],
      "--gpus-per-node does not apply to --device cpu: give --ntasks-per-node (ranks per node)"),
     (["--nodes", "8", "--gpus-per-node", "8", "--checkpoint.interval_steps=0",
@@ -89,6 +110,6 @@ def test_errors_are_one_line_and_exit_2(flags, message, tmp_path, data):
 def test_help_lists_the_flags_the_readme_uses():
     result = gridtrain("submit", "--help")
     for flag in ("--nodes", "--gpus-per-node", "--device", "--ntasks-per-node", "--chain", "--signal-grace",
-                 "--max-requeues", "--sbatch-arg", "--site-env", "--dry-run"):
+                 "--max-requeues", "--max-restarts", "--sbatch-arg", "--site-env", "--dry-run"):
         assert flag in result.stdout
     assert "slurm-job" not in gridtrain("--help").stdout  # the batch script's own steps stay unlisted
