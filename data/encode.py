@@ -1,5 +1,6 @@
 """The preprocessing worker: raw chunk bytes -> token ids per document (BOS where the tokenizer
-adds one, the text, EOD), with bad records counted. Runs in pool processes; the tokenizer
+adds one, the text, EOD; for fine-tuning formats a record rendered by
+gridtrain.data.finetune_records, with its loss mask), with bad records counted. Runs in pool processes; the tokenizer
 (gridtrain.data.tokenizer, any kind) is loaded once per process and encodes a chunk's documents in
 one batch."""
 import json
@@ -11,6 +12,7 @@ from itertools import chain
 
 import numpy as np
 
+from gridtrain.data.finetune_records import BadRecord, encode_record, parse_record
 from gridtrain.data.readers import Chunk
 from gridtrain.data.tokenizer import load_tokenizer
 
@@ -28,6 +30,7 @@ class EncodedChunk:
     records: int  # documents kept + records skipped
     input_bytes: int
     bad: dict = field(default_factory=dict)  # reason -> [count, ["path:line", ...]]
+    masks: np.ndarray | None = None  # uint8 aligned with tokens (fine-tuning formats): 1 = in the loss
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,9 @@ class EncodeSettings:
     tokenizer: str  # path, as gridtrain.data.tokenizer.load_tokenizer takes it
     json_key: str
     dtype: str  # numpy dtype name of the shard tokens
+    format: str = "text"  # gridtrain.data.finetune_records.FORMATS
+    keys: tuple = ()  # fine-tuning formats: ((name, JSON field), ...) for prompt, completion, messages
+    max_tokens: int | None = None  # fine-tuning formats: longer records are skipped and counted
 
 
 _tokenizer = None
@@ -127,9 +133,33 @@ def parse_text(chunk: Chunk, bad: dict) -> tuple[list[str], int]:
     return texts, records
 
 
+def encode_records(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
+    """A chunk of fine-tuning records (JSONL): ids and loss mask per record."""
+    bad, docs, masks, records, keys = {}, [], [], 0, dict(settings.keys)
+    for offset, raw in enumerate(chunk.data.split(b"\n")):
+        if not raw.strip():
+            continue
+        records += 1
+        try:
+            ids, mask = encode_record(parse_record(raw, settings.format, keys), settings.format, _tokenizer)
+            if settings.max_tokens is not None and len(ids) > settings.max_tokens:
+                raise BadRecord("too-long")
+        except BadRecord as exc:
+            note_bad(bad, str(exc), chunk, chunk.first_line + offset)
+            continue
+        docs.append(ids)
+        masks.append(mask)
+    lengths = np.fromiter((len(doc) for doc in docs), dtype=np.int64, count=len(docs))
+    tokens = np.fromiter(chain.from_iterable(docs), dtype=settings.dtype, count=int(lengths.sum()))
+    mask = np.fromiter(chain.from_iterable(masks), dtype=np.uint8, count=int(lengths.sum()))
+    return EncodedChunk(tokens, lengths, records, len(chunk.data), bad, mask)
+
+
 def encode_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
     if _failed is not None:
         raise _failed
+    if settings.format != "text":
+        return encode_records(chunk, settings)
     bad = {}
     if chunk.kind == "jsonl":
         texts, records = parse_jsonl(chunk, settings.json_key, bad)

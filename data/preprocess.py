@@ -15,8 +15,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, TextIO
 
+import numpy as np
+
 from gridtrain.data import encode, readers
-from gridtrain.data.shards import ShardWriter, check_shard_output, import_builder, shard_prefix, token_dtype
+from gridtrain.data.finetune_records import FORMATS
+from gridtrain.data.shards import (
+    LOSS_MASK_SUFFIX,
+    ShardWriter,
+    check_shard_output,
+    import_builder,
+    shard_prefix,
+    token_dtype,
+)
 from gridtrain.data.tokenizer import load_tokenizer
 from gridtrain.errors import UserError
 
@@ -38,6 +48,11 @@ class PreprocessOptions:
     txt_mode: str = "file"  # "file": one document per file; "blocks": blank-line separated
     max_bad_fraction: float = 0.01
     force: bool = False  # replace a previous output of this prefix (shards and summary only)
+    format: str = "text"  # text | completion | chat (gridtrain.data.finetune_records)
+    prompt_key: str = "prompt"
+    completion_key: str = "completion"
+    messages_key: str = "messages"
+    max_tokens: Optional[int] = None  # completion/chat: skip (and count) longer records
 
 
 # Empty (or whitespace-only) documents are skipped and counted, not errors: a corpus of source files
@@ -54,9 +69,13 @@ class Totals:
     bad: dict = field(default_factory=dict)  # malformed records: reason -> [count, locations]
     empty: list = field(default_factory=lambda: [0, []])  # [count, locations] of empty documents
 
+    loss_tokens: int = 0  # fine-tuning formats: tokens in the loss
+
     def add(self, result: encode.EncodedChunk) -> None:
         self.documents += len(result.lengths)
         self.tokens += int(result.lengths.sum())
+        if result.masks is not None:
+            self.loss_tokens += int(result.masks.sum())
         self.records += result.records
         self.input_bytes += result.input_bytes
         for reason, (count, where) in result.bad.items():
@@ -149,9 +168,15 @@ def preprocess(opts: PreprocessOptions, stream: TextIO = sys.stderr) -> dict:
     files = readers.expand_inputs(list(opts.inputs))
     if opts.part:
         files = readers.select_part(files, opts.part)
+    check_format(opts, tokenizer, files)
     dtype = token_dtype(tokenizer.vocab_size)
-    settings = encode.EncodeSettings(os.path.abspath(opts.tokenizer), opts.json_key, dtype.__name__)
+    keys = (("prompt", opts.prompt_key), ("completion", opts.completion_key), ("messages", opts.messages_key))
+    settings = encode.EncodeSettings(os.path.abspath(opts.tokenizer), opts.json_key, dtype.__name__, opts.format,
+                                     keys, opts.max_tokens)
     writer = ShardWriter(opts.output_prefix, dtype, opts.shard_size_tokens, opts.part)
+    # Fine-tuning: the masks in shards of their own, cut at the same documents as the tokens.
+    masks = ShardWriter(opts.output_prefix, np.uint8, opts.shard_size_tokens, opts.part, LOSS_MASK_SUFFIX) \
+        if opts.format != "text" else None
     totals, started = Totals(), time.perf_counter()
     progress = Progress(sum(os.path.getsize(f) for f in files), stream)
     try:
@@ -159,17 +184,23 @@ def preprocess(opts: PreprocessOptions, stream: TextIO = sys.stderr) -> dict:
             chunks = readers.all_chunks(files, opts.txt_mode)
             for result in ordered_results(chunks, settings, pool, opts.workers, meanwhile=import_writer):
                 writer.add(result.tokens, result.lengths)
+                if masks is not None:
+                    masks.add(result.masks, result.lengths)
                 totals.add(result)
                 progress.update(totals)
         progress.update(totals, final=True)
         check_bad_fraction(totals, opts.max_bad_fraction)
+        # The masks first: a token shard is what a reader looks for, and it appears last.
+        mask_shards = masks.finish() if masks is not None else []
         shards = writer.finish()
     except BaseException:
         writer.abort()
+        if masks is not None:
+            masks.abort()
         raise
     summary = build_summary(opts, files, totals, shards, dtype, time.perf_counter() - started)
     write_summary(summary, shard_prefix(opts.output_prefix, opts.part, None) + ".summary.json")
-    remove_outdated(replaced, shards)
+    remove_outdated(replaced, shards + mask_shards)
     return summary
 
 
@@ -182,8 +213,26 @@ def remove_outdated(replaced: list, shards: list) -> None:
             path.unlink(missing_ok=True)
 
 
+def check_format(opts: PreprocessOptions, tokenizer, files: list) -> None:
+    """A fine-tuning format needs JSONL input and, with a Hugging Face tokenizer, a chat template."""
+    if opts.format == "text":
+        return
+    not_jsonl = [f for f in files if readers.file_kind(f, opts.txt_mode) != "jsonl"]
+    if not_jsonl:
+        raise UserError(f"--format {opts.format}: {not_jsonl[0]} is not a .jsonl[.gz] file; fine-tuning records "
+                        "are JSON objects, one per line")
+    if opts.format == "chat" and tokenizer.kind == "huggingface" and tokenizer.chat_template is None:
+        raise UserError(f"--format chat: the tokenizer {opts.tokenizer} has no chat template (chat_template.jinja "
+                        "or chat_template in tokenizer_config.json); add the model's template there, or use a "
+                        "tokenizer that ships one")
+
+
 def check_options(opts: PreprocessOptions) -> None:
     problems = []
+    if opts.format not in FORMATS:
+        problems.append(f"--format={opts.format}: use one of {', '.join(FORMATS)}")
+    if opts.max_tokens is not None and (opts.max_tokens < 1 or opts.format == "text"):
+        problems.append(f"--max-tokens={opts.max_tokens}: use a positive token count, with --format completion or chat")
     if opts.workers < 1:
         problems.append(f"--workers={opts.workers}: use 1 or more")
     if opts.shard_size_tokens is not None and opts.shard_size_tokens < 1:
@@ -220,6 +269,7 @@ def check_bad_fraction(totals: Totals, max_bad_fraction: float) -> None:
 def build_summary(opts, files, totals: Totals, shards, dtype, seconds: float) -> dict:
     output_bytes = sum(os.path.getsize(p + ".bin") + os.path.getsize(p + ".idx") for p, _, _ in shards)
     return {
+        "format": opts.format,
         "documents": totals.documents, "tokens": totals.tokens, "records": totals.records,
         "input_bytes": totals.input_bytes, "output_bytes": output_bytes,
         "skipped": totals.skipped,
@@ -231,6 +281,7 @@ def build_summary(opts, files, totals: Totals, shards, dtype, seconds: float) ->
         "workers": opts.workers, "tokenizer": os.path.abspath(opts.tokenizer), "dtype": dtype.__name__,
         "input_files": len(files), "part": opts.part,
         "shards": [{"prefix": p, "documents": d, "tokens": t} for p, d, t in shards],
+        **({"loss_tokens": totals.loss_tokens, "loss_mask_suffix": LOSS_MASK_SUFFIX} if opts.format != "text" else {}),
         # Ready for data.blend: each shard weighted by its tokens, i.e. sampled in proportion.
         "blend": [[t, os.path.abspath(p)] for p, _, t in shards],
     }

@@ -27,14 +27,19 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-def shard_prefix(output_prefix: str, part: Optional[str], shard: Optional[int]) -> str:
+# A fine-tuning shard's loss mask (uint8, 1 = in the loss) is a Megatron shard of its own beside the
+# tokens, aligned document for document: PREFIX.bin/.idx and PREFIX_loss_mask.bin/.idx.
+LOSS_MASK_SUFFIX = "_loss_mask"
+
+
+def shard_prefix(output_prefix: str, part: Optional[str], shard: Optional[int], suffix: str = "") -> str:
     prefix = output_prefix
     if part:
         index, count = part.split("/")
         prefix += f"_part{int(index):03d}of{int(count):03d}"
     if shard is not None:
         prefix += f"_{shard:05d}"
-    return prefix
+    return prefix + suffix
 
 
 def existing_outputs(output_prefix: str, part: Optional[str]) -> list[Path]:
@@ -42,7 +47,10 @@ def existing_outputs(output_prefix: str, part: Optional[str]) -> list[Path]:
     shard pair, numbered shard pairs (--shard-size-tokens) and the summary."""
     base = Path(shard_prefix(output_prefix, part, None))
     found = [base.with_name(base.name + suffix) for suffix in (".bin", ".idx", ".summary.json")]
-    found += base.parent.glob(base.name + "_[0-9][0-9][0-9][0-9][0-9].*") if base.parent.is_dir() else []
+    found += [base.with_name(base.name + LOSS_MASK_SUFFIX + suffix) for suffix in (".bin", ".idx")]
+    if base.parent.is_dir():
+        found += base.parent.glob(base.name + "_[0-9][0-9][0-9][0-9][0-9].*")
+        found += base.parent.glob(base.name + "_[0-9][0-9][0-9][0-9][0-9]" + LOSS_MASK_SUFFIX + ".*")
     return sorted(p for p in found if p.exists() and p.suffix in (".bin", ".idx", ".json"))
 
 
@@ -110,8 +118,9 @@ class ShardWriter:
     shard_size_tokens (documents are never split). finish() publishes all shards atomically."""
 
     def __init__(self, output_prefix: str, dtype: type, shard_size_tokens: Optional[int],
-                 part: Optional[str] = None):
+                 part: Optional[str] = None, suffix: str = ""):
         self.output_prefix = output_prefix
+        self.suffix = suffix  # after the shard number: LOSS_MASK_SUFFIX for the masks
         self.dtype = dtype
         self.shard_size_tokens = shard_size_tokens
         self.part = part
@@ -126,7 +135,7 @@ class ShardWriter:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
         shard = len(self.done) if self.shard_size_tokens else None
-        self.prefix = shard_prefix(self.output_prefix, self.part, shard)
+        self.prefix = shard_prefix(self.output_prefix, self.part, shard, self.suffix)
         os.makedirs(os.path.dirname(os.path.abspath(self.prefix)), exist_ok=True)
         self.builder = IndexedDatasetBuilder(self.prefix + ".bin" + PARTIAL, dtype=self.dtype)
         self.documents = self.tokens = 0

@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 
+from gridtrain.data.finetune_records import FORMATS
 from gridtrain.data.preprocess import PreprocessOptions, preprocess
 from gridtrain.data.tokenizer import load_tokenizer
 from gridtrain.data.tokenizer_train import MODEL_TYPES, train_tokenizer
@@ -47,6 +48,19 @@ def register(subparsers) -> None:
                      help="a SentencePiece .model, a tokenizer.json, or a Hugging Face folder holding one")
     pre.add_argument("--output-prefix", required=True, metavar="PREFIX")
     pre.add_argument("--json-key", default="text", help="field holding the text in .jsonl records")
+    pre.add_argument("--format", choices=FORMATS, default="text",
+                     help="text (default); completion: JSONL {\"prompt\", \"completion\"}, the loss on the completion "
+                          "and EOD; chat: JSONL {\"messages\": [{\"role\": system|user|assistant, \"content\"}, ...]} "
+                          "rendered with the tokenizer's chat template as transformers' apply_chat_template does, the "
+                          "loss on the assistant turns with their end-of-turn token. Both also write the loss mask "
+                          "as PREFIX_loss_mask.bin/.idx")
+    pre.add_argument("--prompt-key", default="prompt", help="--format completion: the prompt's field")
+    pre.add_argument("--completion-key", default="completion", help="--format completion: the completion's field")
+    pre.add_argument("--messages-key", default="messages", help="--format chat: the message list's field")
+    pre.add_argument("--max-tokens", type=int, metavar="N",
+                     help="--format completion/chat: skip (and count as too-long) a record whose rendered ids, "
+                          "BOS and end tokens included, number more than N (default: keep all; training "
+                          "truncates or drops what exceeds data.seq_length)")
     pre.add_argument("--txt-mode", choices=("file", "blocks"), default="file",
                      help=".txt inputs: one document per file, or per blank-line-separated block")
     pre.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -88,6 +102,8 @@ def preprocess_command(args) -> int:
         inputs=tuple(args.input), tokenizer=args.tokenizer, output_prefix=args.output_prefix,
         json_key=args.json_key, workers=args.workers, shard_size_tokens=args.shard_size_tokens,
         part=args.part, txt_mode=args.txt_mode, max_bad_fraction=args.max_bad_fraction, force=args.force,
+        format=args.format, prompt_key=args.prompt_key, completion_key=args.completion_key,
+        messages_key=args.messages_key, max_tokens=args.max_tokens,
     )
     summary = preprocess(opts, sys.stderr)
     bad = "".join(f"; skipped {reason}: {entry['count']} (first at {', '.join(entry['first'])})"
