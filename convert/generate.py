@@ -6,6 +6,7 @@ import sys
 import torch
 
 from gridtrain.convert.sources import open_weights
+from gridtrain.data.finetune_records import chat_prompt_ids
 from gridtrain.data.tokenizer import load_tokenizer
 from gridtrain.errors import UserError
 from gridtrain.model.decoder import Decoder
@@ -19,10 +20,23 @@ class Generator:
     def __init__(self, decoder, tokenizer):
         self.decoder = decoder
         self.tokenizer = tokenizer
+        self.chat: tuple | None = None  # (system text or None): prompts are user turns
+
+    def use_chat(self, system: str | None) -> None:
+        """Prompts become a user turn (after a system turn when given), rendered with the
+        tokenizer's chat template and its generation prompt; generation stops at end of turn."""
+        if self.tokenizer.kind == "huggingface" and self.tokenizer.chat_template is None:
+            raise UserError("--chat: the tokenizer has no chat template (chat_template.jinja or chat_template in "
+                            "tokenizer_config.json); generate without --chat, or add the template")
+        self.chat = (system,)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt as a document starts in the training data (a BOS where the tokenizer adds
-        one, as transformers' tokenizer(prompt) does), without the end of document."""
+        one, as transformers' tokenizer(prompt) does), without the end of document; with --chat,
+        a user turn ready for the assistant's answer."""
+        if self.chat is not None:
+            system = [{"role": "system", "content": self.chat[0]}] if self.chat[0] is not None else []
+            return chat_prompt_ids(system + [{"role": "user", "content": prompt}], self.tokenizer)
         ids = self.tokenizer.documents([prompt])[0][:-1]
         return ids or [self.tokenizer.bos if self.tokenizer.bos >= 0 else self.tokenizer.eod]
 

@@ -15,7 +15,14 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from gridtrain.data.config import DataConfig, blend_problems, missing_shard_problems
+from gridtrain.data.config import (
+    DataConfig,
+    blend_problems,
+    finetune_problems,
+    is_finetune_blend,
+    missing_shard_problems,
+)
+from gridtrain.data.finetune import build_finetune_datasets
 from gridtrain.errors import ConfigError
 
 MANIFEST = "gridtrain-cache-manifest.json"
@@ -64,8 +71,13 @@ def gpt_dataset_config(cfg: DataConfig, cache_dir: str, tokenizer):
 
 def build_datasets(cfg: DataConfig, num_samples: tuple[int, int, int], cache_dir: str, tokenizer):
     """(train, valid, test) datasets with at least num_samples samples each (None for a split with
-    a 0% share). Collective when torch.distributed is initialized: call it on every rank; rank 0
+    a 0% share): megatron-core's for text shards, gridtrain.data.finetune's for fine-tuning shards. Collective when torch.distributed is initialized: call it on every rank; rank 0
     builds missing index caches in cache_dir, the others wait at a barrier and load them."""
+    if is_finetune_blend(cfg.blend):
+        problems = finetune_problems(cfg.blend)
+        if problems:
+            raise ConfigError(problems)
+        return build_finetune_datasets(cfg, num_samples, pad_id=tokenizer.eod)
     config = gpt_dataset_config(cfg, cache_dir, tokenizer)
     check_split_sizes(config, num_samples)
     with single_rank_group_if_needed():

@@ -105,3 +105,13 @@ def _chat_default(messages: list, tokenizer) -> tuple[list[int], list[int]]:
         ids += piece
         mask += [0] * len(piece)
     return ids, mask
+
+
+def chat_prompt_ids(messages: list, tokenizer) -> list[int]:
+    """The ids that ask the model for the next assistant turn after `messages`: the template with
+    its generation prompt (as `apply_chat_template(messages, add_generation_prompt=True)`), or the
+    default template's turns ending in `Assistant:`. What `gridtrain generate --chat` feeds."""
+    if tokenizer.kind == "huggingface":
+        text = tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.hf.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    return _chat_default(messages, tokenizer)[0]

@@ -44,6 +44,10 @@ def register(subparsers) -> None:
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-file", metavar="FILE", help="one prompt per line")
+    gen.add_argument("--chat", action="store_true",
+                     help="each prompt is a user turn, rendered with the tokenizer's chat template and its generation "
+                          "prompt (as apply_chat_template(..., add_generation_prompt=True)); stops at the end of turn")
+    gen.add_argument("--system", metavar="TEXT", help="--chat: a system turn before the user's")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: off)")
@@ -120,6 +124,8 @@ def check_sampling(args) -> None:
 
 def generate_command(args) -> int:
     check_sampling(args)
+    if args.system is not None and not args.chat:
+        raise UserError("--system needs --chat (it is a turn of the chat template)")
     prompts = _prompts(args)
     # One process is one rank: the same thread count and library settings as a training rank.
     set_rank_environment(resolve_device(args.device, import_torch=False))
@@ -127,6 +133,8 @@ def generate_command(args) -> int:
         from gridtrain.convert.generate import load_generator
 
     generator = load_generator(args.source, args.device, args.trust_pickle)
+    if args.chat:
+        generator.use_chat(args.system)
     stream = sys.stdout if len(prompts) == 1 else None
     for text in generator.complete(prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                    args.seed, stream=stream):

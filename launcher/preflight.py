@@ -4,7 +4,7 @@ costs a second, not a spawn of N ranks and their imports."""
 from pathlib import Path
 
 from gridtrain.convert.source_config import init_from_problems
-from gridtrain.data.config import missing_shard_problems
+from gridtrain.data.config import finetune_problems, missing_shard_problems
 from gridtrain.data.tokenizer import tokenizer_vocab_size
 from gridtrain.errors import ConfigError, UserError
 from gridtrain.outputs import creatable
@@ -14,7 +14,8 @@ from gridtrain.train.run_config import RunConfig
 
 def check_inputs(cfg: RunConfig) -> None:
     """Raise one ConfigError for a missing/unreadable tokenizer, a tokenizer larger than
-    model.vocab_size, blend prefixes without PREFIX.bin + PREFIX.idx, a train.init_from without
+    model.vocab_size, blend prefixes without PREFIX.bin + PREFIX.idx, a fine-tuning blend that
+    breaks its rules (text shards in it, a loss mask missing), a train.init_from without
     weights or whose model differs from the model section, a train.resume path that does not
     exist, and a run folder (or checkpoint folder) that cannot be created or written."""
     problems = output_problems(cfg)
@@ -28,7 +29,8 @@ def check_inputs(cfg: RunConfig) -> None:
             if pieces > cfg.model.vocab_size:
                 problems.append(("model.vocab_size", cfg.model.vocab_size, f"the tokenizer {tokenizer} has {pieces} "
                                  f"tokens; set model.vocab_size to at least {pieces}"))
-    problems += missing_shard_problems(cfg.data.blend)
+    missing = missing_shard_problems(cfg.data.blend)
+    problems += missing or finetune_problems(cfg.data.blend)
     if cfg.train.init_from:
         problems += init_from_problems(cfg.model, cfg.train.init_from)
     if cfg.train.resume not in ("auto", "none") and not Path(cfg.train.resume).exists():

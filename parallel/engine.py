@@ -4,7 +4,9 @@ PP=1: the Decoder in a DeepSpeedEngine (ZeRO 0-3): forward, engine.backward, eng
 micro-batch; DeepSpeed accumulates and steps at the last one. PP>1: a PipelineModule in
 DeepSpeed's PipelineEngine (1F1B schedule, ZeRO <= 1), which runs the whole step in train_batch.
 Both report the loss as the mean over the global batch (mean of micro-batch means, averaged over
-DP), the same number on every rank, and the global gradient norm before clipping.
+DP; for fine-tuning data each micro-batch's masked sum is divided by its `loss_normalizer`, so that
+mean is the mean over every answer token of the global batch), the same number on every rank, and
+the global gradient norm before clipping.
 """
 import itertools
 from dataclasses import dataclass
@@ -73,7 +75,7 @@ class TrainEngine:
         for batch in batches:
             batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
             logits = self.ds_engine(batch["tokens"], batch["position_ids"], batch["segment_ids"])
-            loss = lm_loss(logits, batch["labels"], batch["loss_mask"])
+            loss = lm_loss(logits, batch["labels"], batch["loss_mask"], batch.get("loss_normalizer"))
             self.ds_engine.backward(loss)
             self.ds_engine.step()
             total += loss.detach()
@@ -99,7 +101,7 @@ class TrainEngine:
             for batch in batches:
                 batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
                 logits = self.ds_engine(batch["tokens"], batch["position_ids"], batch["segment_ids"])
-                total += lm_loss(logits, batch["labels"], batch["loss_mask"])
+                total += lm_loss(logits, batch["labels"], batch["loss_mask"], batch.get("loss_normalizer"))
         self.ds_engine.train()
         return self._dp_mean(total / len(batches))
 

@@ -45,10 +45,10 @@ class TiedFactorySpec(TiedLayerSpec):
         return f"TiedLayerFactory({self.factory.name}, key={self.key})"
 
 
-def pipeline_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """DeepSpeed calls loss_fn(outputs, labels); labels is the micro-batch's (labels, loss_mask)."""
-    target, loss_mask = labels
-    return lm_loss(logits, target, loss_mask)
+def pipeline_loss(logits: torch.Tensor, labels: tuple) -> torch.Tensor:
+    """DeepSpeed calls loss_fn(outputs, labels); labels is the micro-batch's (labels, loss_mask),
+    and its loss_normalizer for fine-tuning data."""
+    return lm_loss(logits, *labels)
 
 
 def layer_specs(model: ModelConfig, tp: int, seed: int, segment_mask: bool) -> list[LayerSpec]:
@@ -76,4 +76,5 @@ def build_pipeline_module(ctx, model: ModelConfig, seed: int, segment_mask: bool
 def pipeline_batch(batch: dict, device: torch.device) -> tuple:
     """A loader micro-batch (dict) in PipelineEngine's input format."""
     inputs = tuple(batch[k].to(device) for k in ("tokens", "position_ids", "segment_ids"))
-    return inputs, (batch["labels"].to(device), batch["loss_mask"].to(device))
+    targets = tuple(batch[k].to(device) for k in ("labels", "loss_mask", "loss_normalizer") if k in batch)
+    return inputs, targets

@@ -14,7 +14,9 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from gridtrain.data.config import is_finetune_blend
 from gridtrain.data.datasets import build_datasets, default_cache_dir, run_samples
+from gridtrain.data.finetune import FineTuneDataset
 from gridtrain.data.loader import batches
 from gridtrain.data.tokenizer import load_tokenizer
 from gridtrain.errors import UserError
@@ -135,7 +137,9 @@ def build_engine_of(cfg: RunConfig, ctx: ParallelContext, note=None, open_weight
         initial = open_weights(cfg.train.init_from, verify=verify_together)
         if note is not None:
             note(f"initial weights from {initial.path} (train.init_from)")
-    return build_engine(ctx, cfg.model, cfg.optim, cfg.train.dtype, cfg.train.seed, cfg.data.reset_attention_mask,
+    # Packed fine-tuning samples hold several documents: attention stays within each.
+    segment_mask = cfg.data.reset_attention_mask or is_finetune_blend(cfg.data.blend)
+    return build_engine(ctx, cfg.model, cfg.optim, cfg.train.dtype, cfg.train.seed, segment_mask,
                         initial_weights=initial)
 
 
@@ -154,6 +158,13 @@ def build_trainer(cfg: RunConfig, ctx: ParallelContext, stop: StopRequest,
     writer.note(f"rank layout: world {ctx.world_size} = TP {ctx.tp} x PP {ctx.pp} x DP {ctx.dp}, "
                 f"ZeRO {ctx.layout.zero_stage}, {ctx.backend} on {ctx.device}")
     train_data, valid_data = build_data(cfg)
+    if isinstance(train_data, FineTuneDataset):
+        stats = train_data.stats
+        writer.note(f"fine-tuning data: {len(train_data)} samples of {cfg.data.seq_length} tokens from "
+                    f"{stats.documents} documents over {stats.epochs} epoch(s), "
+                    f"{'packed' if cfg.data.pack else 'one per sample'}: {100 * stats.efficiency:.1f}% of "
+                    f"positions hold tokens; {stats.truncated} cut to seq_length + 1 tokens, {stats.dropped} "
+                    "left out (data.overlong)")
     if valid_data is None or cfg.train.eval_steps == 0:
         writer.note(f"validation off: data.split={cfg.data.split!r} gives it no documents or train.eval_steps=0")
     engine = build_engine_of(cfg, ctx, writer.note, open_weights)
@@ -186,7 +197,8 @@ def build_data(cfg: RunConfig) -> tuple:
 def micro_batches(t: Trainer, dataset, consumed_samples: int) -> Iterator[dict]:
     """This DP rank's micro-batches from the global sample `consumed_samples` on."""
     layout = t.ctx.layout
-    return batches(dataset, consumed_samples, layout.micro_batch_size, t.ctx.dp_rank, layout.dp, t.cfg.data)
+    return batches(dataset, consumed_samples, layout.micro_batch_size, t.ctx.dp_rank, layout.dp, t.cfg.data,
+                   layout.global_batch_size)
 
 
 def train(t: Trainer) -> bool:
@@ -249,6 +261,9 @@ def train_step(t: Trainer, data: Iterator[dict]) -> Optional[dict]:
         return None
     record = step_record(step, result.loss, result.grad_norm, lr, elapsed, tokens, t.flops_per_token,
                          t.peak_flops_total, gather_memory(t.ctx.device), consumed)
+    if isinstance(t.train_data, FineTuneDataset):  # the tokens the step's loss is the mean over
+        record["loss_tokens"] = t.train_data.loss_tokens(consumed - cfg.train.global_batch_size,
+                                                         cfg.train.global_batch_size)
     t.writer.write(record)
     return record
 
