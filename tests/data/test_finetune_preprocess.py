@@ -133,3 +133,32 @@ def test_bad_fine_tuning_input_is_one_line(hf_tokenizers, corpus, tmp_path):
     with pytest.raises(UserError, match=r"no usable document in 3 records \(not-a-message-list: 3"):
         run([broken], hf_tokenizers["qwen2"], tmp_path / "broken", format="chat")
     assert not list(tmp_path.glob("none*")) and not list(tmp_path.glob("broken*.bin"))
+
+
+def test_bad_fine_tuning_blends_are_one_line_before_any_rank(hf_tokenizers, corpus, tmp_path, capsys):
+    from gridtrain.launcher.cli import main
+
+    folder = hf_tokenizers["qwen2"]
+    run([write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in conversations(4)])], folder,
+        tmp_path / "chat", format="chat")
+    for suffix in (".bin", ".idx", ".summary.json"):  # a copy whose loss mask was left behind
+        (tmp_path / f"copy{suffix}").write_bytes((tmp_path / f"chat{suffix}").read_bytes())
+    config = tmp_path / "run.yaml"
+    config.write_text(f"""
+model: {{family: llama, vocab_size: 1024, hidden_size: 64, num_layers: 2, num_attention_heads: 4, max_seq_len: 64}}
+data: {{blend: [[1, {tmp_path / 'chat'}]], tokenizer: {folder}, seq_length: 64}}
+train: {{steps: 2, global_batch_size: 4, micro_batch_size: 2, run_dir: {tmp_path / 'run'}}}
+""")
+
+    def answer(*overrides) -> tuple[int, str]:
+        code = main(["train", str(config), *overrides, "--dry-run"])
+        return code, capsys.readouterr().err.strip()
+
+    assert answer()[0] == 0
+    for blend, message in (
+            (f"[[1, {tmp_path / 'chat'}], [1, {corpus.text}]]",
+             f"data.blend[1]='{corpus.text}': is text shards in a blend of fine-tuning shards"),
+            (f"[[1.5, {tmp_path / 'chat'}]]", "use a whole number, e.g. [2, "),
+            (f"[[1, {tmp_path / 'copy'}]]", f"is a chat shard without its loss mask ({tmp_path / 'copy'}_loss_mask.bin")):
+        code, err = answer(f"--data.blend={blend}")
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -90,6 +90,8 @@ def test_sampling_flags_name_themselves(capsys, tmp_path):
                        "--max-new-tokens", "0", "--top-k", "-1")
     one_line(code, err, "--max-new-tokens 0: must be >= 1", "--temperature nan: must be a number >= 0",
              "--top-k -1: must be >= 0", "--top-p nan: must be in (0, 1]")
+    one_line(*answer(capsys, "generate", tmp_path, "--prompt", "x", "--system", "Be brief."),
+             "--system needs --chat (it is a turn of the chat template)")
 
 
 def test_rank_environments_that_cannot_be(capsys, monkeypatch, config):

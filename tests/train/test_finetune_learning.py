@@ -80,6 +80,7 @@ def test_fine_tuning_teaches_a_task_generate_chat_and_the_hf_export_agree(tmp_pa
     assert exact(before, held_out) == 0.0, before
     gridtrain("train", tmp_path / "run.yaml", "--nproc-per-node", "2", timeout=900)
     after = answers(tmp_path / "run" / "checkpoints")
+    print(f"held-out exact match: before {exact(before, held_out):.2f}, after {exact(after, held_out):.2f}")
     assert exact(after, held_out) >= 0.9, list(zip(after, held_out))
 
     gridtrain("convert", tmp_path / "run" / "checkpoints", "--to", "hf", "--out", tmp_path / "hf")
