@@ -12,7 +12,8 @@ from itertools import chain
 
 import numpy as np
 
-from gridtrain.data.finetune_records import BadRecord, encode_record, parse_record
+from gridtrain.data.finetune_records import BadRecord, parse_record
+from gridtrain.data.finetune_records import encode_records as encode_records_of
 from gridtrain.data.readers import Chunk
 from gridtrain.data.tokenizer import load_tokenizer
 
@@ -134,24 +135,29 @@ def parse_text(chunk: Chunk, bad: dict) -> tuple[list[str], int]:
 
 
 def encode_records(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
-    """A chunk of fine-tuning records (JSONL): ids and loss mask per record."""
-    bad, docs, masks, records, keys = {}, [], [], 0, dict(settings.keys)
+    """A chunk of fine-tuning records (JSONL): ids and loss mask per record, encoded as a batch."""
+    bad, parsed, lines, records, keys = {}, [], [], 0, dict(settings.keys)
     for offset, raw in enumerate(chunk.data.split(b"\n")):
         if not raw.strip():
             continue
         records += 1
         try:
-            ids, mask = encode_record(parse_record(raw, settings.format, keys), settings.format, _tokenizer)
-            if settings.max_tokens is not None and len(ids) > settings.max_tokens:
-                raise BadRecord("too-long")
+            parsed.append(parse_record(raw, settings.format, keys))
+            lines.append(chunk.first_line + offset)
         except BadRecord as exc:
             note_bad(bad, str(exc), chunk, chunk.first_line + offset)
+    docs, masks = [], []
+    for line, result in zip(lines, encode_records_of(parsed, settings.format, _tokenizer)):
+        if not isinstance(result, BadRecord) and settings.max_tokens is not None and len(result[0]) > settings.max_tokens:
+            result = BadRecord("too-long")
+        if isinstance(result, BadRecord):
+            note_bad(bad, str(result), chunk, line)
             continue
-        docs.append(ids)
-        masks.append(mask)
+        docs.append(result[0])
+        masks.append(result[1])
     lengths = np.fromiter((len(doc) for doc in docs), dtype=np.int64, count=len(docs))
     tokens = np.fromiter(chain.from_iterable(docs), dtype=settings.dtype, count=int(lengths.sum()))
-    mask = np.fromiter(chain.from_iterable(masks), dtype=np.uint8, count=int(lengths.sum()))
+    mask = np.concatenate([np.asarray(m, dtype=np.uint8) for m in masks]) if masks else np.zeros(0, np.uint8)
     return EncodedChunk(tokens, lengths, records, len(chunk.data), bad, mask)
 
 
