@@ -7,6 +7,7 @@
   the loss would be if answer tokens did not weigh the same in every micro-batch) is far outside;
 - TP=2 x PP=2 x DP=2 (ZeRO-1) and TP=2 x DP=2 (ZeRO-3) reproduce the one-rank per-step losses
   within the pretraining equivalence tolerance, with uneven answer lengths across micro-batches;
+- a run resumed from a mid-run checkpoint trains the remaining step bit for bit;
 - masked tokens get exactly zero gradient; the data cycles through epochs, reshuffled."""
 import json
 import os
@@ -61,13 +62,16 @@ def sft(tmp_path_factory, hf_tokenizers) -> dict:
     return {"root": root, "folder": folder, "prefix": str(root / "chat"), "model": model}
 
 
-def run_config(sft: dict, name: str, tp=1, pp=1, zero=1, pack=True, steps=STEPS) -> tuple[Path, Path]:
+def run_config(sft: dict, name: str, tp=1, pp=1, zero=1, pack=True, steps=STEPS, resume="auto",
+               interval=0) -> tuple[Path, Path]:
     run_dir = sft["root"] / name
     config = sections(
         {"tokenizer": str(sft["folder"]), "prefix": sft["prefix"]}, run_dir, model=sft["model"],
         parallel={"tensor_parallel": tp, "pipeline_parallel": pp, "zero_stage": zero},
         data={"split": "90,10,0", "seq_length": SEQ, "pack": pack}, optim={"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1},
-        train={"steps": steps, "global_batch_size": BATCH, "micro_batch_size": 1, "init_from": str(sft["folder"])})
+        train={"steps": steps, "global_batch_size": BATCH, "micro_batch_size": 1, "init_from": str(sft["folder"]),
+               "resume": resume},
+        checkpoint={"interval_steps": interval, "keep_last": 0})
     return write_json(sft["root"] / f"{name}.json", config), run_dir
 
 
@@ -138,7 +142,9 @@ def test_fine_tuning_loss_equals_transformers_and_every_layout_reproduces_it(sft
     expected, expected_unpacked = transformers_losses(sft, packed), transformers_losses(sft, unpacked)
 
     runs = {}
-    for name, nproc, options in (("one", 1, {}), ("unpacked", 1, {"pack": False, "steps": 1}),
+    one_ckpt = sft["root"] / "one" / "checkpoints" / "step_00000002"
+    for name, nproc, options in (("one", 1, {"interval": 1}), ("unpacked", 1, {"pack": False, "steps": 1}),
+                                 ("resumed", 1, {"resume": str(one_ckpt)}),
                                  ("tp2-pp2-dp2", 8, {"tp": 2, "pp": 2, "zero": 1}),
                                  ("tp2-dp2-zero3", 4, {"tp": 2, "zero": 3})):
         config, run_dir = run_config(sft, name, **options)
@@ -154,6 +160,9 @@ def test_fine_tuning_loss_equals_transformers_and_every_layout_reproduces_it(sft
     for control in ("mask_off", "across", "mean_of_means"):
         assert abs(expected[control] - expected["loss"]) > 20 * TOLERANCE * expected["loss"], (control, expected)
 
+    # Resumed from the step-2 checkpoint: step 3 alone, on the same samples, bit for bit.
+    assert [(r["step"], r["loss"], r["loss_tokens"]) for r in runs["resumed"]] == [
+        (r["step"], r["loss"], r["loss_tokens"]) for r in runs["one"][2:]]
     reference = [r["loss"] for r in runs["one"]]
     assert len(set(reference)) == STEPS
     for name in ("tp2-pp2-dp2", "tp2-dp2-zero3"):
