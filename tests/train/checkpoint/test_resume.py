@@ -120,7 +120,9 @@ def check_same_as_reference(ref_dir: Path, run_dir: Path) -> None:
         assert all(len(set(s[step])) == len(s[step]) for s in ref_streams.values())
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+# bf16 at TP=2 x PP=2; fp32 SIGKILL restarts are bit-exact at DP=2 in tests/launcher/test_restarts.py
+# (one rank killed, restarted in place) and a fine-tuning resume in tests/train/test_finetune.py.
+@pytest.mark.parametrize("dtype", ["bf16"])
 def test_tp2_pp2_sigkill_and_restart_is_bit_identical(tmp_path, sentences_corpus, dtype):
     ref_cfg, ref_dir = write_config(tmp_path, sentences_corpus, "ref", tp=2, pp=2, zero=1, dtype=dtype)
     launch(WORKER, 4, [ref_cfg], timeout=300)
