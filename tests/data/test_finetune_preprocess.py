@@ -16,7 +16,7 @@ from gridtrain.data.tokenizer import load_tokenizer
 from gridtrain.errors import UserError
 
 QUIET = open(os.devnull, "w")
-WORDS = "the model reads a short answer about rivers cities numbers and colors in plain words".split()
+WORDS = "the model reads a short answer about rivers cities numbers and colors in plain words café naïve 東京 ✓".split()
 END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2": "<|im_end|>"}
 
 
@@ -114,10 +114,11 @@ def test_completion_records_and_the_sentencepiece_default_template(corpus, tmp_p
         assert tok.decode(doc).startswith("System: " if messages[0]["role"] == "system" else "User: ")
 
     # --max-tokens: a record longer than the limit is skipped and counted.
-    summary = run([source], corpus.tokenizer, tmp_path / "short", format="chat", max_tokens=40, max_bad_fraction=1.0)
     lengths = [len(d) for d in read(tmp_path / "chat")]
-    assert summary["documents"] == sum(n <= 40 for n in lengths)
-    assert summary["bad"].get("too-long", {"count": 0})["count"] == sum(n > 40 for n in lengths) > 0
+    limit = sorted(lengths)[len(lengths) // 2]
+    summary = run([source], corpus.tokenizer, tmp_path / "short", format="chat", max_tokens=limit, max_bad_fraction=1.0)
+    assert summary["documents"] == sum(n <= limit for n in lengths)
+    assert summary["bad"].get("too-long", {"count": 0})["count"] == sum(n > limit for n in lengths) > 0
 
 
 def test_bad_fine_tuning_input_is_one_line(hf_tokenizers, corpus, tmp_path):
@@ -162,3 +163,20 @@ train: {{steps: 2, global_batch_size: 4, micro_batch_size: 2, run_dir: {tmp_path
             (f"[[1, {tmp_path / 'copy'}]]", f"is a chat shard without its loss mask ({tmp_path / 'copy'}_loss_mask.bin")):
         code, err = answer(f"--data.blend={blend}")
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_the_offsets_fallback_gives_the_same_ids_and_masks(hf_tokenizers, monkeypatch):
+    """Token starts come from the ids' byte lengths for byte-level BPEs; any other tokenizer (or a
+    sum that does not add up) asks the tokenizer for offsets: both give the same ids and masks."""
+    from gridtrain.data import finetune_records
+
+    tok = load_tokenizer(hf_tokenizers["qwen2"])
+    # The last one is not in NFC, which Qwen2's normalizer changes: that record takes the offsets.
+    chats = conversations(30, seed=3) + [[{"role": "user", "content": "cafe\u0301?"},
+                                          {"role": "assistant", "content": "cafe\u0301 noir"}]]
+    fast = finetune_records.encode_records(chats, "chat", tok)
+    assert finetune_records._byte_lengths(tok) is not None  # the fast path was taken
+    monkeypatch.setattr(finetune_records, "_byte_lengths", lambda tokenizer: None)
+    slow = finetune_records.encode_records(chats, "chat", tok)
+    assert [(ids, mask.tolist()) for ids, mask in fast] == [(ids, mask.tolist()) for ids, mask in slow]
+    assert any(not m["content"].isascii() for c in chats for m in c)  # byte and character offsets differ
