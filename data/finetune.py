@@ -32,6 +32,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from gridtrain.data.shards import LOSS_MASK_SUFFIX
+from gridtrain.errors import ConfigError
 
 PACK_WINDOW = 16
 
@@ -191,5 +192,15 @@ def build_finetune_datasets(cfg, num_samples: tuple, pad_id: int) -> tuple:
             out.append(None)
             continue
         docs = split_documents(cfg.blend, split_matrix, which)
-        out.append(FineTuneDataset(docs, wanted, cfg.seq_length, cfg.seed, which, cfg.pack, cfg.overlong, pad_id))
+        name = ("train", "valid", "test")[which]
+        if not len(docs.length):
+            raise ConfigError([("data.split", cfg.split, f"the {name} split gets none of the fine-tuning documents but "
+                                f"{wanted} samples are needed; give {name} a larger share, or set it to 0 and disable "
+                                "what uses it (train.eval_steps for valid)")])
+        dataset = FineTuneDataset(docs, wanted, cfg.seq_length, cfg.seed, which, cfg.pack, cfg.overlong, pad_id)
+        if len(dataset) < wanted:  # every document was longer than a sequence and left out
+            raise ConfigError([("data.overlong", cfg.overlong, f"every document of the {name} split is longer than "
+                                f"data.seq_length + 1 = {cfg.seq_length + 1} tokens; use truncate, or a longer "
+                                "data.seq_length")])
+        out.append(dataset)
     return tuple(out)

@@ -182,3 +182,15 @@ def test_small_data_cycles_through_reshuffled_epochs(sft):
     assert second != first_epoch  # reshuffled
     again = build_finetune_datasets(data, (400, 0, 0), pad_id=0)[0]
     assert all(torch.equal(train[i]["tokens"], again[i]["tokens"]) for i in (0, 137, 399))
+
+
+def test_a_split_without_documents_and_nothing_left_after_drop_are_one_line(sft):
+    from gridtrain.errors import ConfigError
+
+    data = DataConfig(blend=((1, sft["prefix"]),), split="999,1,0", seq_length=SEQ, tokenizer=str(sft["folder"]))
+    with pytest.raises(ConfigError, match=r"data.split='999,1,0': the valid split gets none of the fine-tuning"):
+        build_finetune_datasets(data, (8, 8, 0), pad_id=0)
+    data = DataConfig(blend=((1, sft["prefix"]),), split="90,10,0", seq_length=4, tokenizer=str(sft["folder"]),
+                      overlong="drop")
+    with pytest.raises(ConfigError, match=r"data.overlong='drop': every document of the train split is longer"):
+        build_finetune_datasets(data, (8, 0, 0), pad_id=0)
