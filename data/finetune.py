@@ -100,37 +100,51 @@ def pack(lengths: list, capacity: int, packed: bool) -> list[list[int]]:
     return done + open_bins
 
 
+@dataclass
+class Packing:
+    """Which pieces of which documents make each sample: sample i is pieces starts[i]:starts[i + 1],
+    piece p the first length[p] tokens of document doc[p] of the split."""
+    doc: np.ndarray  # int64 [pieces]
+    length: np.ndarray  # int64 [pieces]
+    starts: np.ndarray  # int64 [samples + 1]
+    stats: PackStats
+
+
+def pack_epochs(docs: Documents, samples: int, capacity: int, seed: int, which: int, packed: bool,
+                overlong: str) -> Packing:
+    """Epochs of `docs`, each shuffled with (seed, epoch, which) and packed into sequences of
+    `capacity` tokens, until `samples` samples (fewer if every document is left out)."""
+    stats = PackStats(documents=len(docs.length))
+    pieces_doc, pieces_len, starts = [], [], [0]
+    while len(starts) - 1 < samples and len(docs.length):
+        order = np.random.default_rng([seed, stats.epochs, which]).permutation(len(docs.length))
+        lengths = np.minimum(docs.length[order], capacity)
+        keep = np.ones(len(order), dtype=bool) if overlong == "truncate" else docs.length[order] <= capacity
+        if stats.epochs == 0:
+            stats.truncated = int((docs.length > capacity).sum()) if overlong == "truncate" else 0
+            stats.dropped = int((~keep).sum())
+        order, lengths = order[keep], lengths[keep]
+        if not len(order):
+            break
+        for members in pack(lengths.tolist(), capacity, packed):
+            pieces_doc += [int(order[m]) for m in members]
+            pieces_len += [int(lengths[m]) for m in members]
+            starts.append(len(pieces_doc))
+            stats.real_tokens += int(sum(lengths[m] for m in members))
+            stats.positions += capacity
+        stats.epochs += 1
+    return Packing(np.array(pieces_doc, dtype=np.int64), np.array(pieces_len, dtype=np.int64),
+                   np.array(starts[:samples + 1], dtype=np.int64), stats)
+
+
 class FineTuneDataset(torch.utils.data.Dataset):
-    """`samples` packed samples of one split; item i is a dict of tokens, labels, loss_mask,
+    """The packed samples of one split; item i is a dict of tokens, labels, loss_mask,
     position_ids and segment_ids ([seq_length] each)."""
 
-    def __init__(self, docs: Documents, samples: int, seq_length: int, seed: int, which: int, packed: bool,
-                 overlong: str, pad_id: int):
+    def __init__(self, docs: Documents, packing: Packing, seq_length: int, pad_id: int):
         self.docs, self.seq_length, self.pad_id = docs, seq_length, pad_id
-        capacity = seq_length + 1
-        self.stats = PackStats(documents=len(docs.length))
-        pieces_doc, pieces_len, starts = [], [], [0]
-        while len(starts) - 1 < samples and len(docs.length):
-            rng = np.random.default_rng([seed, self.stats.epochs, which])
-            order = rng.permutation(len(docs.length))
-            lengths = np.minimum(docs.length[order], capacity)
-            keep = np.ones(len(order), dtype=bool) if overlong == "truncate" else docs.length[order] <= capacity
-            if self.stats.epochs == 0:
-                self.stats.truncated = int((docs.length > capacity).sum()) if overlong == "truncate" else 0
-                self.stats.dropped = int((~keep).sum())
-            order, lengths = order[keep], lengths[keep]
-            if not len(order):
-                break
-            for members in pack(lengths.tolist(), capacity, packed):
-                pieces_doc += [int(order[m]) for m in members]
-                pieces_len += [int(lengths[m]) for m in members]
-                starts.append(len(pieces_doc))
-                self.stats.real_tokens += int(sum(lengths[m] for m in members))
-                self.stats.positions += capacity
-            self.stats.epochs += 1
-        self.pieces_doc = np.array(pieces_doc, dtype=np.int64)
-        self.pieces_len = np.array(pieces_len, dtype=np.int64)
-        self.starts = np.array(starts[:samples + 1], dtype=np.int64)
+        self.pieces_doc, self.pieces_len, self.starts = packing.doc, packing.length, packing.starts
+        self.stats = packing.stats
         self._counted: dict[tuple[int, int], int] = {}
 
     def __len__(self) -> int:
@@ -197,7 +211,8 @@ def build_finetune_datasets(cfg, num_samples: tuple, pad_id: int) -> tuple:
             raise ConfigError([("data.split", cfg.split, f"the {name} split gets none of the fine-tuning documents but "
                                 f"{wanted} samples are needed; give {name} a larger share, or set it to 0 and disable "
                                 "what uses it (train.eval_steps for valid)")])
-        dataset = FineTuneDataset(docs, wanted, cfg.seq_length, cfg.seed, which, cfg.pack, cfg.overlong, pad_id)
+        packing = pack_epochs(docs, wanted, cfg.seq_length + 1, cfg.seed, which, cfg.pack, cfg.overlong)
+        dataset = FineTuneDataset(docs, packing, cfg.seq_length, pad_id)
         if len(dataset) < wanted:  # every document was longer than a sequence and left out
             raise ConfigError([("data.overlong", cfg.overlong, f"every document of the {name} split is longer than "
                                 f"data.seq_length + 1 = {cfg.seq_length + 1} tokens; use truncate, or a longer "
