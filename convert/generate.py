@@ -20,7 +20,8 @@ class Generator:
     def __init__(self, decoder, tokenizer):
         self.decoder = decoder
         self.tokenizer = tokenizer
-        self.chat: tuple | None = None  # (system text or None): prompts are user turns
+        self.chat = False  # prompts are user turns of the chat template (after `system`, if any)
+        self.system: str | None = None
 
     def use_chat(self, system: str | None) -> None:
         """Prompts become a user turn (after a system turn when given), rendered with the
@@ -28,14 +29,14 @@ class Generator:
         if self.tokenizer.kind == "huggingface" and self.tokenizer.chat_template is None:
             raise UserError("--chat: the tokenizer has no chat template (chat_template.jinja or chat_template in "
                             "tokenizer_config.json); generate without --chat, or add the template")
-        self.chat = (system,)
+        self.chat, self.system = True, system
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt as a document starts in the training data (a BOS where the tokenizer adds
         one, as transformers' tokenizer(prompt) does), without the end of document; with --chat,
         a user turn ready for the assistant's answer."""
-        if self.chat is not None:
-            system = [{"role": "system", "content": self.chat[0]}] if self.chat[0] is not None else []
+        if self.chat:
+            system = [{"role": "system", "content": self.system}] if self.system is not None else []
             return chat_prompt_ids(system + [{"role": "user", "content": prompt}], self.tokenizer)
         ids = self.tokenizer.documents([prompt])[0][:-1]
         return ids or [self.tokenizer.bos if self.tokenizer.bos >= 0 else self.tokenizer.eod]

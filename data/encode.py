@@ -12,8 +12,7 @@ from itertools import chain
 
 import numpy as np
 
-from gridtrain.data.finetune_records import BadRecord, parse_record
-from gridtrain.data.finetune_records import encode_records as encode_records_of
+from gridtrain.data.finetune_records import BadRecord, encode_records, parse_record
 from gridtrain.data.readers import Chunk
 from gridtrain.data.tokenizer import load_tokenizer
 
@@ -134,7 +133,7 @@ def parse_text(chunk: Chunk, bad: dict) -> tuple[list[str], int]:
     return texts, records
 
 
-def encode_records(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
+def encode_finetune_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
     """A chunk of fine-tuning records (JSONL): ids and loss mask per record, encoded as a batch."""
     bad, parsed, lines, records, keys = {}, [], [], 0, dict(settings.keys)
     for offset, raw in enumerate(chunk.data.split(b"\n")):
@@ -147,7 +146,7 @@ def encode_records(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
         except BadRecord as exc:
             note_bad(bad, str(exc), chunk, chunk.first_line + offset)
     docs, masks = [], []
-    for line, result in zip(lines, encode_records_of(parsed, settings.format, _tokenizer)):
+    for line, result in zip(lines, encode_records(parsed, settings.format, _tokenizer)):
         if not isinstance(result, BadRecord) and settings.max_tokens is not None and len(result[0]) > settings.max_tokens:
             result = BadRecord("too-long")
         if isinstance(result, BadRecord):
@@ -165,7 +164,7 @@ def encode_chunk(chunk: Chunk, settings: EncodeSettings) -> EncodedChunk:
     if _failed is not None:
         raise _failed
     if settings.format != "text":
-        return encode_records(chunk, settings)
+        return encode_finetune_chunk(chunk, settings)
     bad = {}
     if chunk.kind == "jsonl":
         texts, records = parse_jsonl(chunk, settings.json_key, bad)
